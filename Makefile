@@ -1,0 +1,56 @@
+# After: cron no more. `make run` sets everything up and runs a worker;
+# `make test` runs the test suite. Both install what they need first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+AFTER  := $(BIN)/after
+WORKER ?= manobi
+PORT   ?= 5984
+export AFTER_COUCHDB_URL ?= http://127.0.0.1:$(PORT)/
+
+.PHONY: install run couchdb couchdb-stop push push-watch test lint bench clean
+
+install: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## The one command: embedded server (background), design docs, worker $(WORKER) (foreground).
+run: install
+	$(AFTER) couchdb --daemon --port $(PORT)
+	$(AFTER) push
+	$(AFTER) start $(WORKER) --foreground
+
+couchdb: install
+	$(AFTER) couchdb --port $(PORT)
+
+couchdb-stop: install
+	$(AFTER) couchdb stop
+
+push: install
+	$(AFTER) push
+
+push-watch: install
+	$(AFTER) push --watch
+
+## The whole suite against a PouchDB Server it starts itself, or AFTER_TEST_COUCHDB_URL.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check after tests jobs bench
+	$(BIN)/ruff format --check after tests jobs bench
+
+bench: install
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

@@ -1,0 +1,467 @@
+"""The `after` command line. Thin: each command reads the config, calls one module."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from after import __version__, embedded
+from after.config import Config
+from after.couch import CouchError, Server
+
+console = Console()
+
+
+class Paths:
+    """Where a worker's pid, log and state files live under AFTER_HOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.workers = home / "workers"
+
+    def pid(self, name: str) -> Path:
+        return self.workers / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.workers / f"{name}.log"
+
+    def state(self, name: str) -> Path:
+        return self.workers / f"{name}.json"
+
+    @property
+    def couchdb_dir(self) -> Path:
+        return self.home / "couchdb"
+
+    @property
+    def couchdb_pid(self) -> Path:
+        return self.home / "couchdb.pid"
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One clear line and a non-zero exit for server errors; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CouchError as exc:
+            fail(str(exc))
+        except (embedded.EmbeddedServerError, OSError) as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--couchdb and --db, overriding AFTER_COUCHDB_URL and AFTER_DB."""
+    fn = click.option(
+        "--db", metavar="NAME", help="Tasks database [env AFTER_DB; default: tasks]."
+    )(fn)
+    fn = click.option(
+        "--couchdb",
+        "couchdb_url",
+        metavar="URL",
+        help="CouchDB server URL, credentials allowed [env AFTER_COUCHDB_URL; "
+        "default: http://127.0.0.1:5984/].",
+    )(fn)
+    return fn
+
+
+def load_config(couchdb_url: str | None = None, db: str | None = None, jobs: str | None = None) -> Config:
+    home = click.get_current_context().find_root().params.get("home")
+    return Config.from_env().override(couchdb_url=couchdb_url, db=db, jobs=jobs, home=home)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="after")
+@click.option(
+    "--home",
+    metavar="DIR",
+    help="Where pid files, logs and the embedded server's data live [env AFTER_HOME; "
+    "default: ~/.after].",
+)
+def main(home: str | None) -> None:
+    """After: cron no more. Schedule your tasks over HTTP.
+
+    A task is a CouchDB document (worker, date, job, status); workers follow
+    the changes feed, run the job at the task's date and write the outcome back.
+    """
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@connection_options
+@click.option("--jobs", metavar="DIR", help="Jobs directory [env AFTER_JOBS; default: ./jobs].")
+@click.option("--concurrency", default=4, show_default=True, help="Jobs that may run at once.")
+@click.option("--foreground", is_flag=True, help="Stay attached and log to the terminal.")
+@friendly_errors
+def start(
+    name: str, couchdb_url: str | None, db: str | None, jobs: str | None, concurrency: int, foreground: bool
+) -> None:
+    """Start a worker with the given NAME (in the background unless --foreground)."""
+    from after.tasks import RULES
+
+    if not re.match(RULES["patterns"]["worker"], name):
+        fail(f"worker name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.' (not first)")
+    config = load_config(couchdb_url, db, jobs)
+    if not config.jobs.is_dir():
+        fail(f"jobs directory {config.jobs.resolve()} does not exist (set --jobs or AFTER_JOBS)")
+    paths = Paths(config.home)
+    paths.workers.mkdir(parents=True, exist_ok=True)
+    pid = read_pid(paths.pid(name))
+    if pid and pid != os.getpid() and pid_alive(pid):
+        fail(f"worker {name} is already running here (pid {pid}); `after stop {name}` first")
+    if foreground:
+        run_foreground(config, name, concurrency, paths)
+    else:
+        start_daemon(config, name, concurrency, paths)
+
+
+def run_foreground(config: Config, name: str, concurrency: int, paths: Paths) -> None:
+    from after.worker import Worker
+
+    logging.Formatter.converter = time.gmtime
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    worker = Worker(config, name, concurrency=concurrency, state_file=paths.state(name))
+    worker.install_signal_handlers()
+    paths.pid(name).write_text(str(os.getpid()))
+    try:
+        worker.run()
+    finally:
+        if read_pid(paths.pid(name)) == os.getpid():
+            paths.pid(name).unlink(missing_ok=True)
+
+
+def start_daemon(config: Config, name: str, concurrency: int, paths: Paths) -> None:
+    """Start `after start NAME --foreground` detached, logging to its log file."""
+    state = paths.state(name)
+    state.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "AFTER_COUCHDB_URL": config.couchdb_url,
+        "AFTER_DB": config.db,
+        "AFTER_JOBS": str(config.jobs.resolve()),
+        "AFTER_HOME": str(config.home),
+    }
+    if config.user:
+        env["AFTER_COUCHDB_USER"] = config.user
+        env["AFTER_COUCHDB_PASSWORD"] = config.password or ""
+    with open(paths.log(name), "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "after", "start", name, "--foreground", "--concurrency", str(concurrency)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    paths.pid(name).write_text(str(process.pid))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if state.exists():
+            click.echo(f"worker {name} started (pid {process.pid}); log: {paths.log(name)}")
+            return
+        if process.poll() is not None:
+            paths.pid(name).unlink(missing_ok=True)
+            fail(f"worker {name} did not start:\n{tail(paths.log(name), 5)}")
+        time.sleep(0.05)
+    fail(f"worker {name} (pid {process.pid}) did not report ready in 30 s; see {paths.log(name)}")
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for running jobs.")
+def stop(name: str, timeout: float) -> None:
+    """Stop a worker: held tasks are handed back, running jobs finish first."""
+    paths = Paths(load_config().home)
+    pid = read_pid(paths.pid(name))
+    if pid is None or not pid_alive(pid):
+        paths.pid(name).unlink(missing_ok=True)
+        fail(f"worker {name} is not running here")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:  # reap it if it is our child (a foreground worker started by us)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    if pid_alive(pid):
+        fail(f"worker {name} (pid {pid}) is still finishing its jobs after {timeout:.0f} s")
+    paths.pid(name).unlink(missing_ok=True)
+    click.echo(f"worker {name} stopped")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=0, help="Only the last N lines.")
+def log(name: str, follow: bool, lines: int) -> None:
+    """Show the log of a worker."""
+    path = Paths(load_config().home).log(name)
+    if not path.exists():
+        fail(f"worker {name} has no log here ({path})")
+    with open(path, errors="replace") as handle:
+        content = handle.read()
+        if lines:
+            content = "\n".join(content.splitlines()[-lines:]) + "\n"
+        click.echo(content, nl=False)
+        while follow:
+            line = handle.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+
+
+@main.command(name="list")
+def list_workers() -> None:
+    """List the workers running on this machine."""
+    paths = Paths(load_config().home)
+    table = Table("worker", "pid", "state", "uptime", "held", "done", "failed", "database")
+    count = 0
+    for pid_file in sorted(paths.workers.glob("*.pid")) if paths.workers.is_dir() else []:
+        name = pid_file.stem
+        pid = read_pid(pid_file)
+        alive = pid is not None and pid_alive(pid)
+        try:
+            state = json.loads(paths.state(name).read_text())
+        except (OSError, ValueError):
+            state = {}
+        uptime = format_duration(time.time() - state["started"]) if alive and "started" in state else "-"
+        table.add_row(
+            name, str(pid or "-"), "running" if alive else "dead (stale pid file)", uptime,
+            str(state.get("held", "-")), str(state.get("done", "-")), str(state.get("failed", "-")),
+            f"{state.get('url', '')}{state.get('db', '')}",
+        )  # fmt: skip
+        count += 1
+    if count == 0:
+        click.echo("no workers running here")
+    else:
+        console.print(table)
+
+
+@main.command()
+@click.argument("name")
+def clean(name: str) -> None:
+    """Empty the log of a worker."""
+    path = Paths(load_config().home).log(name)
+    if not path.exists():
+        fail(f"worker {name} has no log here ({path})")
+    path.write_bytes(b"")
+    click.echo(f"log of worker {name} emptied")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s"
+
+
+# -- the database ----------------------------------------------------------------------
+
+
+@main.command()
+@connection_options
+@click.option("--watch", is_flag=True, help="Re-deploy whenever a design file changes.")
+@friendly_errors
+def push(couchdb_url: str | None, db: str | None, watch: bool) -> None:
+    """Create the database if missing and deploy the design documents."""
+    from after import push as pusher
+
+    config = load_config(couchdb_url, db)
+    database = Server.from_config(config).database(config.db)
+
+    def report(result: pusher.PushResult) -> None:
+        where = f"{config.display_url}{config.db}"
+        if result.created_db:
+            click.echo(f"created database {where}")
+        for doc_id in result.changed:
+            click.echo(f"deployed {doc_id} to {where}")
+        for doc_id in result.unchanged:
+            click.echo(f"{doc_id} unchanged in {where}")
+
+    report(pusher.push(database))
+    if watch:
+        click.echo("watching designdocs/ for changes (Ctrl-C to stop)")
+        try:
+            pusher.watch(database, report)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@friendly_errors
+def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
+    """Task counts by status and by worker."""
+    config = load_config(couchdb_url, db)
+    database = Server.from_config(config).database(config.db)
+    rows = database.view("after", "by_worker", group_level=2)["rows"]
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        worker, task_status = row["key"]
+        counts.setdefault(worker, {})[task_status] = row["value"]
+    if as_json:
+        click.echo(json.dumps({"database": config.db, "workers": counts}, indent=2, sort_keys=True))
+        return
+    from after.tasks import STATUSES
+
+    table = Table("worker", *STATUSES, "total", title=f"tasks in {config.display_url}{config.db}")
+    totals = dict.fromkeys(STATUSES, 0)
+    for worker, by_status in sorted(counts.items()):
+        for key, value in by_status.items():
+            totals[key] = totals.get(key, 0) + value
+        table.add_row(worker, *(str(by_status.get(s, 0)) for s in STATUSES), str(sum(by_status.values())))
+    table.add_row("[bold]all[/bold]", *(str(totals[s]) for s in STATUSES), str(sum(totals.values())))
+    console.print(table)
+
+
+@main.command()
+@connection_options
+@click.option("--user", "user_name", default="after", show_default=True, help="The user to create.")
+@click.option(
+    "--role",
+    type=click.Choice(["worker", "client"]),
+    default="worker",
+    show_default=True,
+    help="worker: runs tasks; client: creates and steers tasks.",
+)
+@friendly_errors
+def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) -> None:
+    """Create the database, a user and the database's security (needs admin credentials).
+
+    The password comes from AFTER_USER_PASSWORD or a prompt, never from the command line.
+    """
+    from after import push as pusher
+    from after.security import ROLES, security_object
+
+    config = load_config(couchdb_url, db)
+    password = os.environ.get("AFTER_USER_PASSWORD") or click.prompt(
+        f"password for {user_name}", hide_input=True, confirmation_prompt=True
+    )
+    server = Server.from_config(config)
+    database = server.database(config.db)
+    result = pusher.push(database)
+    if result.created_db:
+        click.echo(f"created database {config.db}")
+    server.put_user(user_name, password, [ROLES[role]])
+    click.echo(f"user {user_name} has role {ROLES[role]}")
+    database.set_security(security_object())
+    click.echo(f"{config.db} admits the roles {', '.join(ROLES.values())} (and server admins)")
+
+
+# -- the embedded server -----------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--port", default=5984, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--dir", "data_dir", metavar="DIR", help="Data directory [default: AFTER_HOME/couchdb].")
+@click.option("--daemon", is_flag=True, help="Run in the background (pid file under AFTER_HOME).")
+@click.pass_context
+@friendly_errors
+def couchdb(ctx: click.Context, port: int, data_dir: str | None, daemon: bool) -> None:
+    """Run the embedded CouchDB-compatible server (PouchDB Server) on 127.0.0.1.
+
+    For local use and tests; production belongs on Apache CouchDB 3.x.
+    """
+    if ctx.invoked_subcommand:
+        return
+    paths = Paths(load_config().home)
+    directory = Path(data_dir).expanduser() if data_dir else paths.couchdb_dir
+    url = f"http://127.0.0.1:{port}/"
+    pid = read_pid(paths.couchdb_pid)
+    if pid and pid_alive(pid):
+        click.echo(f"the embedded server is already running (pid {pid}) at {url}")
+        return
+    process = embedded.start(port, directory, directory / "server.log", detach=daemon)
+    try:
+        embedded.wait_healthy(url, timeout=60, process=process)
+    except embedded.EmbeddedServerError as exc:
+        embedded.stop(process)
+        fail(f"{exc}; see {directory / 'server.log'}")
+    paths.couchdb_pid.parent.mkdir(parents=True, exist_ok=True)
+    paths.couchdb_pid.write_text(str(process.pid))
+    click.echo(f"embedded server at {url} (Fauxton: {url}_utils), data in {directory}")
+    if daemon:
+        return
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        embedded.stop(process)
+    finally:
+        paths.couchdb_pid.unlink(missing_ok=True)
+
+
+@couchdb.command(name="stop")
+def couchdb_stop() -> None:
+    """Stop the embedded server started with --daemon."""
+    paths = Paths(load_config().home)
+    pid = read_pid(paths.couchdb_pid)
+    if pid is None or not pid_alive(pid):
+        paths.couchdb_pid.unlink(missing_ok=True)
+        fail("the embedded server is not running")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    paths.couchdb_pid.unlink(missing_ok=True)
+    click.echo(f"embedded server (pid {pid}) stopped")

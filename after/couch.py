@@ -1,0 +1,326 @@
+"""All of After's CouchDB access: one small HTTP client over `requests`.
+
+Written to CouchDB's documented behaviour so that it runs unchanged on Apache
+CouchDB 3.x and on the embedded PouchDB Server (see couchdb-compat.md):
+sequences are opaque, `_bulk_docs` results are matched by id, every request
+has a client-side deadline, and view queries are paged (default limits would
+truncate silently).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from after.config import Config, redact
+
+Doc = dict[str, Any]
+
+# View parameters CouchDB expects as JSON values.
+_JSON_PARAMS = {"key", "keys", "startkey", "endkey", "start_key", "end_key"}
+
+
+class CouchError(Exception):
+    """A refusal or failure from the server, with CouchDB's own error and reason."""
+
+    def __init__(self, status: int, error: str, reason: str, what: str = "") -> None:
+        self.status, self.error, self.reason, self.what = status, error, reason, what
+        super().__init__(f"{what}: {status} {error}: {reason}" if what else f"{status} {error}: {reason}")
+
+
+class Conflict(CouchError):
+    """409: the document changed since the revision we based the write on."""
+
+
+class Forbidden(CouchError):
+    """403 (or 401): a validate_doc_update rule or the database's security refused."""
+
+
+class NotFound(CouchError):
+    """404."""
+
+
+class Unreachable(CouchError):
+    """The server did not answer (refused, timed out, reset)."""
+
+
+def _error_for(status: int) -> type[CouchError]:
+    return {409: Conflict, 403: Forbidden, 401: Forbidden, 404: NotFound}.get(status, CouchError)
+
+
+class Server:
+    """A CouchDB server: one pooled HTTP session, credentials never shown."""
+
+    def __init__(self, url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.auth = auth
+        self.session.headers["Accept"] = "application/json"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    @classmethod
+    def from_config(cls, config: Config, timeout: float = 30.0) -> Server:
+        return cls(config.couchdb_url, config.auth, timeout)
+
+    @property
+    def display_url(self) -> str:
+        user = self.session.auth[0] if isinstance(self.session.auth, tuple) else None
+        if not user:
+            return redact(self.url)
+        scheme, rest = self.url.split("://", 1)
+        return f"{scheme}://{user}:***@{rest}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        stream: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """Send one request; raise a CouchError subclass for any error status."""
+        url = self.url + path.lstrip("/")
+        what = f"{method} {self.display_url}{path.lstrip('/')}"
+        try:
+            response = self.session.request(
+                method,
+                url,
+                params=_encode_params(params),
+                data=None if body is None else json.dumps(body),
+                headers={
+                    **({"Content-Type": "application/json"} if body is not None else {}),
+                    **(headers or {}),
+                },
+                timeout=timeout or self.timeout,
+                stream=stream,
+            )
+        except requests.RequestException as exc:
+            raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
+        if response.status_code >= 400:
+            try:
+                payload = response.json()
+                error, reason = str(payload.get("error", "")), str(payload.get("reason", ""))
+            except ValueError:
+                error, reason = "http_error", response.text[:200]
+            raise _error_for(response.status_code)(response.status_code, error, reason, what)
+        return response
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    def database(self, name: str) -> Database:
+        return Database(self, name)
+
+    def welcome(self) -> dict[str, Any]:
+        return self.json("GET", "")
+
+    def put_user(self, name: str, password: str, roles: list[str]) -> None:
+        """Create or update a user in `_users` (keeps its revision)."""
+        users = self.database("_users")
+        doc_id = f"org.couchdb.user:{name}"
+        doc = users.get(doc_id) or {"_id": doc_id, "name": name, "type": "user"}
+        doc.update(password=password, roles=roles)
+        users.put(doc)
+
+
+class Database:
+    def __init__(self, server: Server, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.path = quote(name, safe="")
+
+    def __repr__(self) -> str:
+        return f"<Database {self.server.display_url}{self.name}>"
+
+    def _json(self, method: str, path: str = "", **kwargs: Any) -> Any:
+        return self.server.json(method, f"{self.path}/{path}" if path else self.path, **kwargs)
+
+    # -- the database itself -------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return self._json("GET")
+
+    def exists(self) -> bool:
+        try:
+            self.info()
+        except NotFound:
+            return False
+        return True
+
+    def create(self) -> bool:
+        """Create the database; False if it already existed."""
+        try:
+            self._json("PUT")
+        except CouchError as exc:
+            if exc.status == 412:
+                return False
+            raise
+        return True
+
+    def delete(self) -> None:
+        self._json("DELETE")
+
+    def security(self) -> dict[str, Any]:
+        return self._json("GET", "_security")
+
+    def set_security(self, security: dict[str, Any]) -> None:
+        self._json("PUT", "_security", body=security)
+
+    # -- documents -------------------------------------------------------------
+    def get(self, doc_id: str, **params: Any) -> Doc | None:
+        try:
+            return self._json("GET", _doc_path(doc_id), params=params or None)
+        except NotFound:
+            return None
+
+    def put(self, doc: Doc) -> str:
+        """Write a document (with its `_rev` if it has one); return the new revision."""
+        result = self._json("PUT", _doc_path(doc["_id"]), body=doc)
+        doc["_rev"] = result["rev"]
+        return result["rev"]
+
+    def post(self, doc: Doc) -> tuple[str, str]:
+        result = self._json("POST", body=doc)
+        return result["id"], result["rev"]
+
+    def bulk_docs(self, docs: list[Doc]) -> list[dict[str, Any]]:
+        """Write many documents; one result per document, in the order given.
+
+        Each document succeeds or fails on its own (a 409 or 403 in its row).
+        PouchDB Server returns the rows in another order, so rows are matched
+        by id; documents without an `_id` get one from us first.
+        """
+        if not docs:
+            return []
+        for doc in docs:
+            doc.setdefault("_id", _new_id())
+        rows = self._json("POST", "_bulk_docs", body={"docs": docs})
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_id.setdefault(row.get("id", ""), []).append(row)
+        return [by_id[doc["_id"]].pop(0) for doc in docs]
+
+    def all_docs(self, **params: Any) -> dict[str, Any]:
+        if "keys" in params:
+            keys = params.pop("keys")
+            return self._json("POST", "_all_docs", params=params, body={"keys": keys})
+        return self._json("GET", "_all_docs", params=params)
+
+    # -- views -------------------------------------------------------------------
+    def view(self, ddoc: str, name: str, **params: Any) -> dict[str, Any]:
+        return self._json("GET", f"_design/{ddoc}/_view/{name}", params=params)
+
+    def iter_view(self, ddoc: str, name: str, page_size: int = 1000, **params: Any) -> Iterator[dict]:
+        """Every row of a (non-reduced) view range, fetched a page at a time."""
+        params = {"reduce": False, **params}
+        start: dict[str, Any] = {}
+        while True:
+            page = self.view(ddoc, name, limit=page_size + 1, **params, **start)["rows"]
+            yield from page[:page_size]
+            if len(page) <= page_size:
+                return
+            last = page[page_size]
+            start = {"startkey": last["key"], "startkey_docid": last["id"]}
+
+    # -- changes -------------------------------------------------------------
+    def changes(self, **params: Any) -> dict[str, Any]:
+        """One normal (non-continuous) request to `_changes`."""
+        return self._json("GET", "_changes", params=params)
+
+    def follow(
+        self,
+        since: Any,
+        *,
+        heartbeat_ms: int = 5000,
+        stop: threading.Event | None = None,
+        **params: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Follow the continuous changes feed from `since`.
+
+        Yields each change row. CouchDB honours `timeout`, PouchDB Server does
+        not and keeps the feed open forever, so liveness is checked on our side:
+        the server sends a newline every heartbeat, and a read that sees nothing
+        for three heartbeats raises Unreachable. The caller resumes from the
+        last `seq` it processed.
+        """
+        query = {"feed": "continuous", "since": since, "heartbeat": heartbeat_ms, **params}
+        response = self.server.request(
+            "GET",
+            f"{self.path}/_changes",
+            params=query,
+            stream=True,
+            timeout=3 * heartbeat_ms / 1000,
+            # A compressed feed (PouchDB Server gzips) is held back in buffers: ask for it plain.
+            headers={"Accept-Encoding": "identity"},
+        )
+        try:
+            for line in response.iter_lines(chunk_size=None):
+                if stop is not None and stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                change = json.loads(line)
+                if "last_seq" in change and "id" not in change:
+                    return  # the server ended the feed; the caller reconnects
+                yield change
+        except requests.RequestException as exc:
+            raise Unreachable(0, "unreachable", _plain_reason(exc), f"{self} changes feed") from None
+        finally:
+            response.close()
+
+
+def _doc_path(doc_id: str) -> str:
+    if doc_id.startswith("_design/"):
+        return "_design/" + quote(doc_id[len("_design/") :], safe="")
+    return quote(doc_id, safe="")
+
+
+def _encode_params(params: dict[str, Any] | None) -> dict[str, str] | None:
+    if not params:
+        return None
+    encoded = {}
+    for key, value in params.items():
+        if key in _JSON_PARAMS or not isinstance(value, str | int | float | bool):
+            encoded[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            encoded[key] = "true" if value else "false"
+        else:
+            encoded[key] = str(value)
+    return encoded
+
+
+def _new_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def _plain_reason(exc: requests.RequestException) -> str:
+    """A one-line reason without URLs (which may carry credentials)."""
+    name = type(exc).__name__
+    if isinstance(exc, requests.ConnectionError):
+        return f"{name}: the server did not accept the connection"
+    if isinstance(exc, requests.Timeout):
+        return f"{name}: no answer in time"
+    return name
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,140 @@
+"""Compile `designdocs/<name>/` folders into design documents and deploy them.
+
+One file per CouchDB function, so each is readable and lintable:
+
+    designdocs/after/validate_doc_update.js   -> "validate_doc_update": "<source>"
+    designdocs/after/filters/worker.js        -> "filters": {"worker": "<source>"}
+    designdocs/after/views/by_status/map.js   -> "views": {"by_status": {"map": ...}}
+    designdocs/after/views/by_status/reduce.json  ("_count")  -> a JSON value
+    designdocs/after/lib/rules.json           -> "lib": {"rules": "module.exports = {...};"}
+
+`.js` files are stored as their source text, `.json` files as their value, and
+`.json` files under `lib/` as CommonJS modules that `require('lib/rules')`
+returns (the table of statuses and transitions lives there, once).
+Deploying writes only what changed: an unchanged design doc gets no new revision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from after.couch import Database
+
+# A function file may open with a comment; CouchDB wants the source to be the
+# function expression itself, so the comment stays in the file only.
+_LEADING_COMMENTS = re.compile(r"\A(?:\s*/\*.*?\*/|\s*//[^\n]*)*", re.DOTALL)
+
+
+def designdocs_dir() -> Path:
+    """The design documents beside the package (a checkout) or inside it (a wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "designdocs", here / "designdocs"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the designdocs/ folder was not found beside or inside the after package")
+
+
+def compile_designdoc(folder: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = {"_id": f"_design/{folder.name}", "language": "javascript"}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        parts = path.relative_to(folder).with_suffix("").parts
+        if path.suffix == ".js":
+            value: Any = _LEADING_COMMENTS.sub("", path.read_text(encoding="utf-8")).strip()
+        elif path.suffix == ".json":
+            value = json.loads(path.read_text(encoding="utf-8"))
+            if parts[0] == "lib":
+                value = f"module.exports = {json.dumps(value, sort_keys=True)};"
+        else:
+            continue
+        node = doc
+        for key in parts[:-1]:
+            node = node.setdefault(key, {})
+        node[parts[-1]] = value
+    return doc
+
+
+def compile_all(root: Path | None = None) -> list[dict[str, Any]]:
+    root = root or designdocs_dir()
+    return [compile_designdoc(folder) for folder in sorted(root.iterdir()) if folder.is_dir()]
+
+
+def load_rules(root: Path | None = None) -> dict[str, Any]:
+    """The task rules table (statuses, transitions) the design doc enforces."""
+    path = (root or designdocs_dir()) / "after" / "lib" / "rules.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class PushResult:
+    created_db: bool
+    changed: list[str]
+    unchanged: list[str]
+
+
+def push(db: Database, root: Path | None = None, warm: bool = True) -> PushResult:
+    """Create the database if missing and deploy every design doc that changed."""
+    created = db.create()
+    changed, unchanged = [], []
+    for doc in compile_all(root):
+        current = db.get(doc["_id"])
+        if current is not None:
+            if _without_meta(current) == _without_meta(doc):
+                unchanged.append(doc["_id"])
+                continue
+            doc["_rev"] = current["_rev"]
+        db.put(doc)
+        changed.append(doc["_id"])
+        if warm:
+            warm_views(db, doc)
+    return PushResult(created, changed, unchanged)
+
+
+def warm_views(db: Database, doc: dict[str, Any]) -> None:
+    """Query each view once so that the first real query does not wait for the build."""
+    name = doc["_id"].split("/", 1)[1]
+    for view in doc.get("views", {}):
+        db.view(name, view, limit=1, reduce=False)
+
+
+def _without_meta(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in ("_rev", "_revisions")}
+
+
+def watch(db: Database, report: Callable[[PushResult], None], root: Path | None = None) -> None:
+    """Re-deploy whenever a design file changes (watchdog), until interrupted."""
+    import threading
+
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    root = root or designdocs_dir()
+    dirty = threading.Event()
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if not event.is_directory:
+                dirty.set()
+
+    observer = Observer()
+    observer.schedule(Handler(), str(root), recursive=True)
+    observer.start()
+    try:
+        while True:
+            dirty.wait()
+            time.sleep(0.2)  # editors write in several steps: let them finish
+            dirty.clear()
+            try:
+                report(push(db, root))
+            except (ValueError, OSError) as exc:  # a half-written JSON file: wait for the next save
+                print(f"not pushed: {exc}")
+    finally:
+        observer.stop()
+        observer.join()

@@ -1,0 +1,169 @@
+"""What a worker does with a task: plain functions over task documents.
+
+The worker sees versions of task documents (from start-up reads and the
+changes feed). `next_step` decides what to do with one, given what this
+instance is doing with it right now; the `*_update` functions build the
+document a step writes. No I/O here, so every decision is easy to test.
+"""
+
+from __future__ import annotations
+
+import traceback
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from after.push import load_rules
+
+Doc = dict[str, Any]
+
+RULES = load_rules()
+STATUSES: list[str] = RULES["statuses"]
+FINAL: set[str] = set(RULES["final"])
+TRANSITIONS: dict[str, dict[str, str]] = RULES["transitions"]
+# Statuses a worker must look at on start-up; the rest need nothing from it.
+ACTIVE: list[str] = [s for s in STATUSES if s not in FINAL and s != "err"]
+
+MAX_TEXT = 16_000  # characters kept of an error message or traceback
+
+
+class Local(Enum):
+    """What this worker instance is doing with a task."""
+
+    NONE = "none"  # not holding it
+    HELD = "held"  # claimed (scheduled) and in the timer
+    COMMITTED = "committed"  # `running` written, waiting for the due instant
+    RUNNING = "running"  # the job is executing
+
+
+class Step(Enum):
+    CLAIM = "claim"  # write `scheduled`, owned by this instance
+    HOLD = "hold"  # keep it in the timer at its date
+    CANCEL = "cancel"  # drop it and write `canceled`
+    CANCEL_AFTER_RUN = "cancel-after-run"  # the job is running: write `canceled` when it ends
+    LOST = "lost"  # its run was interrupted by a dead worker: write `err`
+    FORGET = "forget"  # nothing to do here any more
+    IGNORE = "ignore"  # nothing to do now
+
+
+def next_step(doc: Doc, me: str, local: Local) -> Step:
+    """Decide what instance `me` does with this version of a task."""
+    status = doc.get("status")
+    owner = doc.get("owner")
+    if status in ("waiting", "reschedule"):
+        return Step.IGNORE if local is Local.RUNNING else Step.CLAIM
+    if status == "scheduled":
+        if owner == me:
+            return Step.HOLD if local in (Local.NONE, Local.HELD) else Step.IGNORE
+        # Held by another instance of this worker name. Without leases, a
+        # claim we did not make is a previous process's: take it over.
+        return Step.FORGET if local is not Local.NONE else Step.CLAIM
+    if status == "running":
+        if owner == me and local in (Local.COMMITTED, Local.RUNNING):
+            return Step.IGNORE
+        return Step.LOST if local is Local.NONE else Step.FORGET
+    if status == "cancel":
+        return Step.CANCEL_AFTER_RUN if local is Local.RUNNING else Step.CANCEL
+    return Step.FORGET  # done, err, canceled
+
+
+# -- dates ----------------------------------------------------------------------
+
+
+def parse_date(value: str) -> datetime:
+    """An aware UTC datetime from an ISO 8601 string; a date alone is midnight UTC,
+    no offset means UTC (the task contract)."""
+    parsed = datetime.fromisoformat(value.replace("z", "Z"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def iso(moment: datetime) -> str:
+    """UTC with milliseconds: 2026-12-01T09:30:00.123Z (sorts as text, as the views do)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- the documents each step writes --------------------------------------------
+
+
+def _update(doc: Doc, **fields: Any) -> Doc:
+    """A copy of doc with fields set; a field set to None is removed."""
+    updated = {**doc, **fields}
+    return {k: v for k, v in updated.items() if v is not None}
+
+
+def claim_update(doc: Doc, me: str, at: datetime) -> Doc:
+    return _update(doc, status="scheduled", owner=me, claimed_at=iso(at))
+
+
+def running_update(doc: Doc, me: str) -> Doc:
+    return _update(doc, status="running", owner=me, attempt=int(doc.get("attempt", 0)) + 1)
+
+
+def hand_back_update(doc: Doc) -> Doc:
+    """Back to `waiting` for any instance to take (graceful stop)."""
+    return _update(doc, status="waiting", owner=None, claimed_at=None)
+
+
+def canceled_update(doc: Doc, at: datetime) -> Doc:
+    return _update(doc, status="canceled", canceled_at=iso(at))
+
+
+def lost_update(doc: Doc, at: datetime) -> Doc:
+    error = {
+        "type": "WorkerLost",
+        "message": f"worker lost: instance {doc.get('owner')} stopped while the job was running; "
+        "the job may have run in part (set status to reschedule to run it again)",
+    }
+    return _update(doc, status="err", error=error, finished_at=iso(at))
+
+
+def outcome_fields(
+    started: datetime, finished: datetime, result: Any = None, error: BaseException | None = None
+) -> dict[str, Any]:
+    """The fields a finished run writes, done or failed."""
+    fields: dict[str, Any] = {
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_ms": round((finished - started).total_seconds() * 1000, 3),
+    }
+    if error is None:
+        fields["result"] = result
+        fields["error"] = None
+    else:
+        fields["error"] = error_info(error)
+    return fields
+
+
+def outcome_update(doc: Doc, outcome: dict[str, Any]) -> Doc:
+    """`done` or `err` after a run; `canceled` if a cancel came while it ran."""
+    if doc.get("status") == "cancel":
+        status = "canceled"
+    else:
+        status = "err" if outcome.get("error") else "done"
+    return _update(doc, status=status, **outcome)
+
+
+def error_info(error: BaseException) -> dict[str, str]:
+    text = "".join(traceback.format_exception(error))
+    return {
+        "type": type(error).__name__,
+        "message": _cap(str(error)),
+        "traceback": _cap(text),
+    }
+
+
+def _cap(text: str) -> str:
+    if len(text) <= MAX_TEXT:
+        return text
+    return text[:MAX_TEXT] + f"... [cut: {len(text) - MAX_TEXT} more characters]"
+
+
+def rev_number(rev: str | None) -> int:
+    """The generation of a revision ("3-abc" -> 3); 0 for none."""
+    return int(rev.split("-", 1)[0]) if rev else 0

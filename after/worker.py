@@ -1,0 +1,458 @@
+"""The worker: follows its changes feed, holds its tasks in the timer, runs jobs.
+
+Threads, none of which blocks another:
+
+- control: the only thread that changes the worker's state. Everything else
+  posts a function to its queue, so no locks are needed and the order of
+  events for one task is the order they happened in.
+- feed: follows the filtered changes feed (`include_docs`) and posts each doc.
+- writer: sends writes through `_bulk_docs`; writes that arrive while a batch
+  is in flight go out together in the next one. Each write carries the `_rev`
+  it was decided on; a 409 means someone else changed the task, so the worker
+  decides again on the newer version (never fetch-latest-and-overwrite).
+- timer (after.scheduler): commits `running` shortly before each due time and
+  starts the job at the due time.
+- executor: runs the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from after import tasks
+from after.config import Config
+from after.couch import CouchError, Database, Server, Unreachable
+from after.jobs import JobContext, JobLoader, run_job
+from after.scheduler import Scheduler
+from after.tasks import Doc, Local, Step
+
+log = logging.getLogger("after.worker")
+
+DDOC = "after"
+
+
+@dataclass
+class TaskState:
+    """What this instance knows and does about one task."""
+
+    doc: Doc
+    local: Local = Local.NONE
+    writing: bool = False  # a write is in flight: decide again when it returns
+    newer: Doc | None = None  # a version seen while writing
+    cancel_requested: bool = False
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    done: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+class BulkWriter:
+    """Batches document writes through `_bulk_docs`, one result per document."""
+
+    def __init__(self, db: Database, max_batch: int = 1000) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self.queue: queue.Queue[tuple[Doc, Callable[[dict[str, Any]], None]] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="after-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def write(self, doc: Doc, on_result: Callable[[dict[str, Any]], None]) -> None:
+        self.queue.put((doc, on_result))
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        pending: list[tuple[Doc, Callable[[dict[str, Any]], None]]] = []
+        stopping = False
+        while not (stopping and not pending):
+            if not pending:
+                item = self.queue.get()
+                if item is None:
+                    return
+                pending.append(item)
+            while len(pending) < self.max_batch:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                pending.append(item)
+            try:
+                rows = self.db.bulk_docs([doc for doc, _ in pending])
+            except CouchError as exc:
+                # Nothing is lost: the same batch is sent again once the server answers.
+                log.warning("writing %d task(s) failed (%s); retrying in %.1fs", len(pending), exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            for (_, on_result), row in zip(pending, rows, strict=True):
+                on_result(row)
+            pending = []
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        name: str,
+        *,
+        concurrency: int = 4,
+        lead: float = 0.2,
+        page_size: int = 1000,
+        state_file: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.instance = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lead = timedelta(seconds=lead)
+        self.page_size = page_size
+        self.state_file = state_file
+        self.server = Server.from_config(config)
+        self.db = self.server.database(config.db)
+        self.jobs = JobLoader(config.jobs)
+        self.writer = BulkWriter(self.db)
+        self.timer = Scheduler()
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="after-job")
+        self.control: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.states: dict[str, TaskState] = {}
+        self.stats = Stats()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.last_seq: Any = None
+        self._state_written = 0.0
+
+    # -- life cycle --------------------------------------------------------------
+    def run(self) -> None:
+        """Run until stop() (or SIGTERM/SIGINT when installed by the CLI)."""
+        since = self._check_database()
+        self.writer.start()
+        self.timer.start()
+        log.info(
+            "worker %s started as %s on %s, database %s, jobs in %s",
+            self.name, self.instance, self.server.display_url, self.db.name, self.config.jobs.resolve(),
+        )  # fmt: skip
+        self._read_current_state()
+        feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
+        feed.start()
+        self.ready.set()
+        self._write_state_file(force=True)
+        try:
+            while True:
+                action = self.control.get()
+                if action is None:
+                    break
+                action()
+                self._write_state_file()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: held tasks are handed back, running jobs finish."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.control.put(self._begin_stop)
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+
+    def _check_database(self) -> Any:
+        """Fail fast with a clear error; return the sequence to follow changes from."""
+        info = self.db.info()
+        if self.db.get(f"_design/{DDOC}") is None:
+            raise CouchError(
+                404, "not_found", f"the design document _design/{DDOC} is missing: run `after push`",
+                f"database {self.db.name}",
+            )  # fmt: skip
+        return info["update_seq"]
+
+    def _read_current_state(self) -> None:
+        """Every active task of this worker, paged, oldest first within each status."""
+        count = 0
+        for status in tasks.ACTIVE:
+            rows = self.db.iter_view(
+                DDOC, "by_worker", page_size=self.page_size, include_docs=True,
+                startkey=[self.name, status], endkey=[self.name, status, {}],
+            )  # fmt: skip
+            for row in rows:
+                self._seen(row["doc"])
+                count += 1
+        log.info("start-up: %d active task(s) read", count)
+
+    def _begin_stop(self) -> None:
+        log.info("stopping: handing back held tasks, letting running jobs finish")
+        for task_id, state in list(self.states.items()):
+            if state.local in (Local.HELD, Local.COMMITTED) and not state.writing:
+                self.timer.cancel(task_id)
+                state.local = Local.NONE
+                self._write(task_id, tasks.hand_back_update(state.doc))
+        self._maybe_finish_stop()
+
+    def _maybe_finish_stop(self) -> None:
+        busy = any(s.writing or s.local is Local.RUNNING for s in self.states.values())
+        if self.stopping.is_set() and not busy:
+            self.control.put(None)
+
+    def _shutdown(self) -> None:
+        self.timer.stop(wait=False)
+        self.executor.shutdown(wait=True)
+        self.writer.stop()
+        self.jobs.close()
+        self._write_state_file(force=True, running=False)
+        log.info(
+            "worker %s stopped: %d done, %d failed, %d canceled",
+            self.name, self.stats.done, self.stats.failed, self.stats.canceled,
+        )  # fmt: skip
+
+    # -- the feed ----------------------------------------------------------------
+    def _follow(self, since: Any) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                changes = self.db.follow(
+                    since, stop=self.stopping, include_docs=True,
+                    filter=f"{DDOC}/worker", worker=self.name,
+                )  # fmt: skip
+                for change in changes:
+                    since = change["seq"]
+                    if "doc" in change and not change.get("deleted"):
+                        self.control.put(lambda doc=change["doc"], seq=since: self._seen(doc, seq))
+                    backoff = 0.5
+            except CouchError as exc:
+                if self.stopping.is_set():
+                    return
+                level = logging.WARNING if isinstance(exc, Unreachable) else logging.ERROR
+                log.log(level, "changes feed interrupted (%s); resuming in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    # -- decisions ---------------------------------------------------------------
+    def _seen(self, doc: Doc, seq: Any = None) -> None:
+        if seq is not None:
+            self.last_seq = seq
+        task_id = doc["_id"]
+        state = self.states.get(task_id)
+        if state is None:
+            if doc.get("status") in tasks.FINAL or doc.get("status") == "err":
+                return
+            state = self.states[task_id] = TaskState(doc)
+        elif tasks.rev_number(doc["_rev"]) <= tasks.rev_number(state.doc["_rev"]):
+            return  # an echo of our own write, or an older version
+        if state.writing:
+            state.newer = doc
+            return
+        state.doc = doc
+        self._decide(task_id, state)
+
+    def _decide(self, task_id: str, state: TaskState) -> None:
+        doc = state.doc
+        step = tasks.next_step(doc, self.instance, state.local)
+        if step is Step.CLAIM:
+            if self.stopping.is_set():
+                return self._forget(task_id)
+            self._unhold(task_id, state)
+            self._write(task_id, tasks.claim_update(doc, self.instance, tasks.now()))
+        elif step is Step.HOLD:
+            if self.stopping.is_set():
+                return self._write(task_id, tasks.hand_back_update(doc))
+            state.local = Local.HELD
+            due = tasks.parse_date(doc["date"])
+            self.timer.schedule(due - self.lead, lambda: self.control.put(lambda: self._commit(task_id)), key=task_id)
+        elif step is Step.CANCEL:
+            self._unhold(task_id, state)
+            self._write(task_id, tasks.canceled_update(doc, tasks.now()))
+        elif step is Step.CANCEL_AFTER_RUN:
+            state.cancel_requested = True
+            log.info("task %s: cancel asked while its job runs; it will be marked canceled when it ends", task_id)
+        elif step is Step.LOST:
+            log.warning("task %s was running under %s, which is gone: marking it err", task_id, doc.get("owner"))
+            self._write(task_id, tasks.lost_update(doc, tasks.now()))
+        elif step is Step.FORGET:
+            self._forget(task_id)
+
+    def _unhold(self, task_id: str, state: TaskState) -> None:
+        if state.local in (Local.HELD, Local.COMMITTED):
+            self.timer.cancel(task_id)
+            state.local = Local.NONE
+
+    def _forget(self, task_id: str) -> None:
+        state = self.states.pop(task_id, None)
+        if state is not None:
+            self.timer.cancel(task_id)
+
+    # -- writes --------------------------------------------------------------------
+    def _write(self, task_id: str, doc: Doc) -> None:
+        state = self.states[task_id]
+        state.writing = True
+        self.writer.write(doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row)))
+
+    def _written(self, task_id: str, doc: Doc, row: dict[str, Any]) -> None:
+        state = self.states.get(task_id)
+        if state is None:
+            return
+        state.writing = False
+        newer, state.newer = state.newer, None
+        if "rev" in row and not row.get("error"):
+            state.doc = {**doc, "_rev": row["rev"]}
+            self._after_write(task_id, state)
+        elif row.get("error") == "conflict":
+            log.info("task %s changed under us (409); deciding again on the newer version", task_id)
+            latest = newer if newer and newer["_rev"] != doc["_rev"] else self.db.get(task_id)
+            if latest is None:
+                self._forget(task_id)
+            else:
+                state.doc = latest
+                self._decide(task_id, state)
+            self._maybe_finish_stop()
+            return
+        else:
+            # A refusal by validate_doc_update: report it, never loop on it.
+            log.error("task %s: the write was refused: %s: %s", task_id, row.get("error"), row.get("reason"))
+            self._forget(task_id)
+        if newer and task_id in self.states and tasks.rev_number(newer["_rev"]) > tasks.rev_number(state.doc["_rev"]):
+            state.doc = newer
+            self._decide(task_id, state)
+        self._maybe_finish_stop()
+
+    def _after_write(self, task_id: str, state: TaskState) -> None:
+        status = state.doc["status"]
+        if status == "scheduled":
+            self._decide(task_id, state)  # -> HOLD
+        elif status == "running":
+            state.local = Local.COMMITTED
+            due = tasks.parse_date(state.doc["date"])
+            self.timer.schedule(due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id)
+        elif status in ("done", "err", "canceled", "waiting"):
+            if status == "done":
+                self.stats.done += 1
+            elif status == "err":
+                self.stats.failed += 1
+            elif status == "canceled":
+                self.stats.canceled += 1
+            log.info("task %s %s", task_id, status)
+            self._forget(task_id)
+
+    # -- running -------------------------------------------------------------------
+    def _commit(self, task_id: str) -> None:
+        """Shortly before the due time: write `running` so the start is not delayed by it."""
+        state = self.states.get(task_id)
+        if state is None or state.local is not Local.HELD or state.writing or self.stopping.is_set():
+            return
+        self._write(task_id, tasks.running_update(state.doc, self.instance))
+
+    def _start(self, task_id: str) -> None:
+        """At the due time: hand the job to the executor, unless it was canceled meanwhile."""
+        state = self.states.get(task_id)
+        if state is None or state.local is not Local.COMMITTED or state.writing:
+            return
+        if self.stopping.is_set():
+            state.local = Local.NONE
+            return self._write(task_id, tasks.hand_back_update(state.doc))
+        state.local = Local.RUNNING
+        self.executor.submit(self._execute, task_id, state.doc)
+
+    def _execute(self, task_id: str, doc: Doc) -> None:
+        job = doc["job"]
+        context = JobContext(
+            task_id=task_id, attempt=int(doc.get("attempt", 1)), worker=self.name,
+            idempotency_key=f"{task_id}:{doc.get('attempt', 1)}",
+        )  # fmt: skip
+        started = tasks.now()
+        try:
+            fn = self.jobs.load(job["name"])
+            result = run_job(fn, list(job.get("arguments", [])), context)
+            outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+        except BaseException as exc:  # a job's failure is the task's, never the worker's
+            outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
+            if not isinstance(exc, Exception):
+                log.warning("task %s: job %s raised %s", task_id, job["name"], type(exc).__name__)
+        self.control.put(lambda: self._finished(task_id, outcome))
+
+    def _finished(self, task_id: str, outcome: dict[str, Any]) -> None:
+        state = self.states.get(task_id)
+        if state is None:
+            return
+        state.local = Local.NONE
+        if state.writing:  # cannot happen in practice; keep the outcome for the next version
+            state.newer = state.newer or state.doc
+        self._write_outcome(task_id, state, outcome)
+
+    def _write_outcome(self, task_id: str, state: TaskState, outcome: dict[str, Any]) -> None:
+        doc = tasks.outcome_update(state.doc, outcome)
+        state.writing = True
+
+        def on_result(row: dict[str, Any]) -> None:
+            self.control.put(lambda: self._outcome_written(task_id, doc, outcome, row))
+
+        self.writer.write(doc, on_result)
+
+    def _outcome_written(self, task_id: str, doc: Doc, outcome: dict[str, Any], row: dict[str, Any]) -> None:
+        state = self.states.get(task_id)
+        if state is None:
+            return
+        state.writing = False
+        if row.get("error") == "conflict":
+            # Someone changed the task while the job ran (a cancel): the outcome
+            # still has to be recorded, on the newest version.
+            latest = self.db.get(task_id)
+            if latest is not None and latest.get("status") in ("running", "cancel"):
+                state.doc, state.newer = latest, None
+                self._write_outcome(task_id, state, outcome)
+                return
+        elif row.get("error"):
+            log.error("task %s: the outcome was refused: %s: %s", task_id, row.get("error"), row.get("reason"))
+        else:
+            state.doc = {**doc, "_rev": row["rev"]}
+            self._after_write(task_id, state)
+        self._forget(task_id)
+        self._maybe_finish_stop()
+
+    # -- local state file (for `after list`) ----------------------------------------
+    def _write_state_file(self, force: bool = False, running: bool = True) -> None:
+        if self.state_file is None or (not force and time.monotonic() - self._state_written < 1.0):
+            return
+        self._state_written = time.monotonic()
+        state = {
+            "name": self.name,
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "started": self.stats.started,
+            "running": running,
+            "url": self.server.display_url,
+            "db": self.db.name,
+            "held": sum(1 for s in self.states.values() if s.local is not Local.NONE),
+            "done": self.stats.done,
+            "failed": self.stats.failed,
+            "canceled": self.stats.canceled,
+            "updated": time.time(),
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_file)
+

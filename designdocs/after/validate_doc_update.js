@@ -1,0 +1,131 @@
+/*
+ * The task contract, enforced inside CouchDB for every writer.
+ * Every refusal is {forbidden: "<field>: <rule>"} so that a client sees a 403
+ * whose reason names the field and the rule. The statuses and transitions
+ * come from lib/rules.json, the one table the Python side reads too.
+ */
+function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
+  var rules = require('lib/rules');
+
+  function refuse(reason) {
+    throw ({forbidden: reason});
+  }
+
+  function isTask(doc) {
+    return doc.type === undefined || doc.type === 'task';
+  }
+
+  function isObject(value) {
+    return typeof value === 'object' && value !== null && !Array.isArray(value);
+  }
+
+  function checkDate(field, value) {
+    if (typeof value !== 'string') {
+      refuse(field + ': must be an ISO 8601 date string such as "2026-12-01T09:30:00Z"');
+    }
+    var m = value.match(new RegExp(rules.patterns.date));
+    if (!m) {
+      refuse(field + ': "' + value + '" is not an ISO 8601 date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS[.ffffff]][Z|+HH:MM])');
+    }
+    var year = +m[1], month = +m[2], day = +m[3];
+    var probe = new Date(Date.UTC(year, month - 1, day));
+    if (month < 1 || month > 12 || probe.getUTCDate() !== day || probe.getUTCMonth() !== month - 1) {
+      refuse(field + ': "' + value + '" is not a real calendar date');
+    }
+    if (m[4] !== undefined && (+m[4] > 23 || +m[5] > 59 || (m[6] !== undefined && +m[6] > 59))) {
+      refuse(field + ': "' + value + '" has an hour, minute or second out of range');
+    }
+    if (m[8] && m[8] !== 'Z' && (+m[8].slice(1, 3) > 23 || +m[8].slice(4, 6) > 59)) {
+      refuse(field + ': "' + value + '" has a UTC offset out of range');
+    }
+  }
+
+  // PouchDB Server JSON-parses query values (?worker=1.0 reaches the filter as
+  // the number 1), so a name that reads as JSON must read back as itself, or
+  // the worker "1.0" would follow the tasks of the worker "1" and never its own.
+  function readsBackAsItself(name) {
+    var value;
+    try {
+      value = JSON.parse(name);
+    } catch (e) {
+      return true;
+    }
+    return String(value) === name;
+  }
+
+  // A status the table does not know (a document written before these rules
+  // were deployed, or under an older table): no worker holds such a document.
+  function knownStatus(doc) {
+    return rules.statuses.indexOf(doc.status) >= 0;
+  }
+
+  function checkTask(doc) {
+    if (typeof doc.worker !== 'string' || !new RegExp(rules.patterns.worker).test(doc.worker)) {
+      refuse('worker: must be a worker name of 1 to 64 letters, digits, "_", "-" or "." (not first)');
+    }
+    if (!readsBackAsItself(doc.worker)) {
+      refuse('worker: "' + doc.worker + '" is read as ' + String(JSON.parse(doc.worker)) +
+             ' in a query string (?worker=...); write it that way or choose a name that is not a number');
+    }
+    checkDate('date', doc.date);
+    if (!isObject(doc.job)) {
+      refuse('job: must be an object {"name": ..., "arguments": [...]}');
+    }
+    if (typeof doc.job.name !== 'string' || !new RegExp(rules.patterns.job_name).test(doc.job.name) ||
+        doc.job.name.indexOf('__') === 0) {
+      refuse('job.name: must be a job module name: an identifier of letters, digits and "_", not starting with a digit or "__"');
+    }
+    if (doc.job.arguments !== undefined && !Array.isArray(doc.job.arguments)) {
+      refuse('job.arguments: must be a JSON array of positional arguments');
+    }
+    if (rules.statuses.indexOf(doc.status) < 0) {
+      refuse('status: must be one of ' + rules.statuses.join(', ') + ' (got ' + JSON.stringify(doc.status) + ')');
+    }
+  }
+
+  if (newDoc._id.indexOf('_design/') === 0) {
+    return;  // only server admins can write design documents at all
+  }
+
+  if (newDoc._deleted) {
+    if (oldDoc && isTask(oldDoc) && knownStatus(oldDoc) && rules.deletable.indexOf(oldDoc.status) < 0) {
+      refuse('status: a ' + oldDoc.status + ' task cannot be deleted; set status to "cancel" to stop it ' +
+             '(only ' + rules.deletable.join(', ') + ' tasks may be deleted)');
+    }
+    return;
+  }
+
+  if (!isTask(newDoc)) {
+    refuse('type: unknown document type ' + JSON.stringify(newDoc.type) + ' (tasks have no type or type "task")');
+  }
+  if (oldDoc && !oldDoc._deleted && !isTask(oldDoc)) {
+    refuse('type: a ' + oldDoc.type + ' document cannot become a task');
+  }
+
+  checkTask(newDoc);
+
+  if (!oldDoc || oldDoc._deleted || !knownStatus(oldDoc)) {  // a new task, or one written anew
+    if (newDoc.status !== rules.initial) {
+      refuse('status: a new task must start as "' + rules.initial + '" (got "' + newDoc.status + '")');
+    }
+    return;
+  }
+
+  var from = oldDoc.status, to = newDoc.status;
+  if (rules.final.indexOf(from) >= 0) {
+    refuse('status: a ' + from + ' task cannot change (' + from + ' is final)');
+  }
+  if (from !== to && !rules.transitions[from].hasOwnProperty(to)) {
+    var allowed = Object.keys(rules.transitions[from]);
+    refuse('status: cannot change from ' + from + ' to ' + to + ' (from ' + from + ' only to ' +
+           (allowed.length ? allowed.join(', ') : 'nothing') + ')');
+  }
+  if (from !== rules.initial &&
+      (newDoc.worker !== oldDoc.worker || JSON.stringify(newDoc.job) !== JSON.stringify(oldDoc.job))) {
+    refuse('worker, job: can change only while a task is waiting (create a new task instead)');
+  }
+  if (newDoc.date !== oldDoc.date && from !== rules.initial && from !== 'reschedule' &&
+      to !== 'reschedule' && to !== rules.initial) {
+    refuse('date: a ' + from + ' task keeps its date; set status to "reschedule" with the new date');
+  }
+}

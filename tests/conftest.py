@@ -1,0 +1,96 @@
+"""Test fixtures: a real CouchDB-compatible server, never a mock.
+
+By default the session starts the pinned PouchDB Server (npm) on a free
+loopback port with a temporary data directory. With AFTER_TEST_COUCHDB_URL
+set (e.g. http://admin:secret@127.0.0.1:5984/) the suite runs against that
+server instead, a real Apache CouchDB 3.x, in databases it creates with
+unique names and deletes afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from after import embedded
+from after.config import Config, split_credentials
+from after.couch import Database, Server
+from after.push import push
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def couch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server URL, with credentials if any."""
+    given = os.environ.get("AFTER_TEST_COUCHDB_URL")
+    if given:
+        yield given
+        return
+    data = tmp_path_factory.mktemp("pouchdb")
+    port = embedded.free_port()
+    process = embedded.start(port, data, data / "server.log")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        embedded.wait_healthy(url, timeout=60, process=process)
+        yield url
+    finally:
+        embedded.stop(process)
+
+
+@pytest.fixture(scope="session")
+def server(couch_url: str) -> Server:
+    url, user, password = split_credentials(couch_url)
+    return Server(url, (user, password or "") if user else None)
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"after-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def db(server: Server, db_name: str) -> Iterator[Database]:
+    """A fresh database with After's design documents deployed."""
+    database = server.database(db_name)
+    push(database)
+    yield database
+    database.delete()
+
+
+@pytest.fixture
+def config(couch_url: str, db_name: str, tmp_path: Path) -> Config:
+    """A Config pointing at the test server and the test database."""
+    return Config.from_env({}).override(
+        couchdb_url=couch_url, db=db_name, jobs=REPO / "jobs", home=tmp_path / "home"
+    )
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll until condition() is truthy and return its value; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(interval)
+
+
+def new_task(**fields: Any) -> dict[str, Any]:
+    """A valid task document; fields override."""
+    task: dict[str, Any] = {
+        "worker": "manobi",
+        "date": "2011-10-12",
+        "job": {"name": "start_replication", "arguments": [2, 3, "test"]},
+        "status": "waiting",
+    }
+    task.update(fields)
+    return task
