@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -85,7 +86,9 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def load_config(couchdb_url: str | None = None, db: str | None = None, jobs: str | None = None) -> Config:
+def load_config(
+    couchdb_url: str | None = None, db: str | None = None, jobs: str | None = None
+) -> Config:
     home = click.get_current_context().find_root().params.get("home")
     return Config.from_env().override(couchdb_url=couchdb_url, db=db, jobs=jobs, home=home)
 
@@ -134,7 +137,12 @@ def main(home: str | None) -> None:
 @click.option("--foreground", is_flag=True, help="Stay attached and log to the terminal.")
 @friendly_errors
 def start(
-    name: str, couchdb_url: str | None, db: str | None, jobs: str | None, concurrency: int, foreground: bool
+    name: str,
+    couchdb_url: str | None,
+    db: str | None,
+    jobs: str | None,
+    concurrency: int,
+    foreground: bool,
 ) -> None:
     """Start a worker with the given NAME (in the background unless --foreground)."""
     from after.tasks import RULES
@@ -192,7 +200,16 @@ def start_daemon(config: Config, name: str, concurrency: int, paths: Paths) -> N
         env["AFTER_COUCHDB_PASSWORD"] = config.password or ""
     with open(paths.log(name), "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "after", "start", name, "--foreground", "--concurrency", str(concurrency)],
+            [
+                sys.executable,
+                "-m",
+                "after",
+                "start",
+                name,
+                "--foreground",
+                "--concurrency",
+                str(concurrency),
+            ],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -221,7 +238,9 @@ def tail(path: Path, lines: int) -> str:
 
 @main.command()
 @click.argument("name")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for running jobs.")
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Seconds to wait for running jobs."
+)
 def stop(name: str, timeout: float) -> None:
     """Stop a worker: held tasks are handed back, running jobs finish first."""
     paths = Paths(load_config().home)
@@ -233,10 +252,6 @@ def stop(name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-        try:  # reap it if it is our child (a foreground worker started by us)
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
     if pid_alive(pid):
         fail(f"worker {name} (pid {pid}) is still finishing its jobs after {timeout:.0f} s")
     paths.pid(name).unlink(missing_ok=True)
@@ -279,12 +294,19 @@ def list_workers() -> None:
             state = json.loads(paths.state(name).read_text())
         except (OSError, ValueError):
             state = {}
-        uptime = format_duration(time.time() - state["started"]) if alive and "started" in state else "-"
+        uptime = (
+            format_duration(time.time() - state["started"]) if alive and "started" in state else "-"
+        )
         table.add_row(
-            name, str(pid or "-"), "running" if alive else "dead (stale pid file)", uptime,
-            str(state.get("held", "-")), str(state.get("done", "-")), str(state.get("failed", "-")),
+            name,
+            str(pid or "-"),
+            "running" if alive else "dead (stale pid file)",
+            uptime,
+            str(state.get("held", "-")),
+            str(state.get("done", "-")),
+            str(state.get("failed", "-")),
             f"{state.get('url', '')}{state.get('db', '')}",
-        )  # fmt: skip
+        )
         count += 1
     if count == 0:
         click.echo("no workers running here")
@@ -341,10 +363,8 @@ def push(couchdb_url: str | None, db: str | None, watch: bool) -> None:
     report(pusher.push(database))
     if watch:
         click.echo("watching designdocs/ for changes (Ctrl-C to stop)")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             pusher.watch(database, report)
-        except KeyboardInterrupt:
-            pass
 
 
 @main.command()
@@ -370,8 +390,12 @@ def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
     for worker, by_status in sorted(counts.items()):
         for key, value in by_status.items():
             totals[key] = totals.get(key, 0) + value
-        table.add_row(worker, *(str(by_status.get(s, 0)) for s in STATUSES), str(sum(by_status.values())))
-    table.add_row("[bold]all[/bold]", *(str(totals[s]) for s in STATUSES), str(sum(totals.values())))
+        table.add_row(
+            worker, *(str(by_status.get(s, 0)) for s in STATUSES), str(sum(by_status.values()))
+        )
+    table.add_row(
+        "[bold]all[/bold]", *(str(totals[s]) for s in STATUSES), str(sum(totals.values()))
+    )
     console.print(table)
 
 
@@ -414,7 +438,9 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
 
 @main.group(invoke_without_command=True)
 @click.option("--port", default=5984, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--dir", "data_dir", metavar="DIR", help="Data directory [default: AFTER_HOME/couchdb].")
+@click.option(
+    "--dir", "data_dir", metavar="DIR", help="Data directory [default: AFTER_HOME/couchdb]."
+)
 @click.option("--daemon", is_flag=True, help="Run in the background (pid file under AFTER_HOME).")
 @click.pass_context
 @friendly_errors

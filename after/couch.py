@@ -30,7 +30,9 @@ class CouchError(Exception):
 
     def __init__(self, status: int, error: str, reason: str, what: str = "") -> None:
         self.status, self.error, self.reason, self.what = status, error, reason, what
-        super().__init__(f"{what}: {status} {error}: {reason}" if what else f"{status} {error}: {reason}")
+        super().__init__(
+            f"{what}: {status} {error}: {reason}" if what else f"{status} {error}: {reason}"
+        )
 
 
 class Conflict(CouchError):
@@ -56,7 +58,9 @@ def _error_for(status: int) -> type[CouchError]:
 class Server:
     """A CouchDB server: one pooled HTTP session, credentials never shown."""
 
-    def __init__(self, url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0
+    ) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.timeout = timeout
         self.session = requests.Session()
@@ -220,17 +224,18 @@ class Database:
     def view(self, ddoc: str, name: str, **params: Any) -> dict[str, Any]:
         return self._json("GET", f"_design/{ddoc}/_view/{name}", params=params)
 
-    def iter_view(self, ddoc: str, name: str, page_size: int = 1000, **params: Any) -> Iterator[dict]:
+    def iter_view(
+        self, ddoc: str, name: str, page_size: int = 1000, **params: Any
+    ) -> Iterator[dict]:
         """Every row of a (non-reduced) view range, fetched a page at a time."""
-        params = {"reduce": False, **params}
-        start: dict[str, Any] = {}
+        params = {"reduce": False, **params, "limit": page_size + 1}
         while True:
-            page = self.view(ddoc, name, limit=page_size + 1, **params, **start)["rows"]
+            page = self.view(ddoc, name, **params)["rows"]
             yield from page[:page_size]
             if len(page) <= page_size:
                 return
-            last = page[page_size]
-            start = {"startkey": last["key"], "startkey_docid": last["id"]}
+            # The next page starts at the first row not yet returned (key, then doc id).
+            params.update(startkey=page[page_size]["key"], startkey_docid=page[page_size]["id"])
 
     # -- changes -------------------------------------------------------------
     def changes(self, **params: Any) -> dict[str, Any]:
@@ -274,7 +279,9 @@ class Database:
                     return  # the server ended the feed; the caller reconnects
                 yield change
         except requests.RequestException as exc:
-            raise Unreachable(0, "unreachable", _plain_reason(exc), f"{self} changes feed") from None
+            raise Unreachable(
+                0, "unreachable", _plain_reason(exc), f"{self} changes feed"
+            ) from None
         finally:
             response.close()
 

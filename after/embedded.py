@@ -1,14 +1,26 @@
 """The embedded CouchDB-compatible server: PouchDB Server from npm, pinned.
 
 It is the local default and the test server; production belongs on Apache
-CouchDB 3.x. PouchDB Server dies on some ordinary requests when started
-plainly, so it always runs with `--unhandled-rejections=warn`, bound to
-loopback, with its data, config and log inside one directory.
+CouchDB 3.x. PouchDB Server dies, wedges or leaks on some ordinary requests
+when started plainly (couchdb-compat.md, "PouchDB Server hazards"), so it
+always runs with our preload `after/node/guard.js`, which patches those code
+paths and refuses to start on any other PouchDB Server than the pinned one,
+and with `--unhandled-rejections=warn`, bound to loopback, with its data,
+config and log inside one directory.
+
+Exit codes of the server process (for a supervisor): 70 an uncaught exception
+(one `after-embedded-guard: fatal:` line in the log), 71 it could not listen
+(e.g. the port is in use), 78 refused to start (not the pinned, unmodified
+PouchDB Server). It exits 0 on SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,6 +31,21 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PINNED_VERSION = "4.2.0"
+GUARD = Path(__file__).resolve().parent / "node" / "guard.js"
+
+EXIT_FATAL = 70
+EXIT_LISTEN = 71
+EXIT_REFUSED = 78
+EXIT_MEANINGS = {
+    EXIT_FATAL: "it crashed on an uncaught exception",
+    EXIT_LISTEN: "it could not listen on its port (in use?)",
+    EXIT_REFUSED: "it refused to start: PouchDB Server is not the pinned, unmodified version",
+}
+
+# PouchDB Server hashes admin passwords with PBKDF2-SHA1 and 10 iterations
+# (couch_httpd_auth/iterations) and re-derives the key on every Basic-auth
+# request, in JavaScript; we store the same hash it would.
+ADMIN_HASH_ITERATIONS = 10
 
 
 class EmbeddedServerError(RuntimeError):
@@ -47,14 +74,75 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def command(port: int, data_dir: Path) -> list[str]:
+def hash_admin_password(password: str, iterations: int = ADMIN_HASH_ITERATIONS) -> str:
+    """The `-pbkdf2-<key>,<salt>,<iterations>` form CouchDB and PouchDB Server keep in `admins`."""
+    salt = secrets.token_hex(16)
+    key = hashlib.pbkdf2_hmac("sha1", password.encode(), salt.encode(), iterations, 20)
+    return f"-pbkdf2-{key.hex()},{salt},{iterations}"
+
+
+def _admin_hash_matches(stored: object, password: str) -> bool:
+    if not isinstance(stored, str) or not stored.startswith("-pbkdf2-"):
+        return False
+    try:
+        key, salt, iterations = stored[len("-pbkdf2-") :].split(",")
+        derived = hashlib.pbkdf2_hmac("sha1", password.encode(), salt.encode(), int(iterations), 20)
+    except ValueError:
+        return False
+    return hmac.compare_digest(derived.hex(), key)
+
+
+def seed_admin(data_dir: Path, admin: tuple[str, str]) -> None:
+    """Put a server admin into data_dir/config.json, already hashed.
+
+    PouchDB Server reads `admins` from that file when it starts. It would hash a
+    plain password itself, but only asynchronously and ignoring it until then,
+    so we write the hash: there is no admin-party window. Other settings and
+    admins in the file are kept; an admin whose hash already matches is left alone.
+    """
+    name, password = admin
+    if not name or not password:
+        raise EmbeddedServerError("the embedded server admin needs a name and a password")
+    config_path = data_dir / "config.json"
+    config: dict = {}
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text() or "{}")
+        except json.JSONDecodeError as exc:
+            raise EmbeddedServerError(f"{config_path} is not valid JSON: {exc}") from exc
+    admins = config.setdefault("admins", {})
+    if _admin_hash_matches(admins.get(name), password):
+        return
+    admins[name] = hash_admin_password(password)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    temporary = config_path.with_name(".config.json.after-tmp")
+    temporary.write_text(json.dumps(config, indent=2) + "\n")
+    temporary.chmod(0o600)
+    temporary.replace(config_path)
+
+
+def command(port: int, data_dir: Path, admin: tuple[str, str] | None = None) -> list[str]:
+    """The command line that runs the guarded server.
+
+    With `admin` = (name, password) the admin is first written into
+    data_dir/config.json (see seed_admin); without it an existing config's
+    admins apply, or none: "admin party", everyone is admin.
+    """
     node = shutil.which("node")
     if node is None:
-        raise EmbeddedServerError("Node.js is not installed (`node` is not on PATH); After's embedded server needs Node.js 20")
+        raise EmbeddedServerError(
+            "Node.js is not installed (`node` is not on PATH); After's embedded server needs Node.js 20"
+        )
+    if not GUARD.is_file():
+        raise EmbeddedServerError(f"After's guard for PouchDB Server is missing: {GUARD}")
+    server = find_pouchdb_server()
+    if admin is not None:
+        seed_admin(data_dir, admin)
     return [
         node,
         "--unhandled-rejections=warn",
-        str(find_pouchdb_server()),
+        "--require", str(GUARD),
+        str(server),
         "--port", str(port),
         "--host", "127.0.0.1",
         "--dir", str(data_dir),
@@ -63,13 +151,24 @@ def command(port: int, data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def start(port: int, data_dir: Path, log_path: Path, detach: bool = False) -> subprocess.Popen:
-    """Start the server in the background; its output goes to log_path."""
+def start(
+    port: int,
+    data_dir: Path,
+    log_path: Path,
+    detach: bool = False,
+    admin: tuple[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start the server in the background; its output goes to log_path.
+
+    `admin` = (name, password) pre-seeds a server admin (see seed_admin); the
+    default is none, i.e. admin party.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = command(port, data_dir, admin)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            command(port, data_dir),
+            argv,
             cwd=data_dir,  # PouchDB Server writes its log.txt into the working directory
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -78,25 +177,38 @@ def start(port: int, data_dir: Path, log_path: Path, detach: bool = False) -> su
         )
 
 
+def exit_reason(returncode: int) -> str:
+    meaning = EXIT_MEANINGS.get(returncode)
+    return f"code {returncode}: {meaning}" if meaning else f"code {returncode}"
+
+
 def wait_healthy(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
     """Wait until the server answers `GET /` and a database request.
 
     `GET /` alone can answer while database requests hang (couchdb-compat.md),
-    so the check also reads `_users`.
+    so the check also reads `_users`. Credentials in the URL are used; without
+    them a server with an admin answers `_users` with 401/403, which still
+    shows that databases open.
     """
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise EmbeddedServerError(f"the embedded server exited with code {process.returncode}")
+            raise EmbeddedServerError(
+                f"the embedded server exited ({exit_reason(process.returncode)})"
+            )
         try:
             requests.get(url, timeout=2).raise_for_status()
-            requests.get(url.rstrip("/") + "/_users", timeout=2).raise_for_status()
+            answer = requests.get(url.rstrip("/") + "/_users", timeout=2)
+            if answer.status_code not in (401, 403):
+                answer.raise_for_status()
             return
         except requests.RequestException as exc:
             last_error = type(exc).__name__
         time.sleep(0.1)
-    raise EmbeddedServerError(f"the embedded server at {url} was not healthy after {timeout:.0f}s ({last_error})")
+    raise EmbeddedServerError(
+        f"the embedded server at {url} was not healthy after {timeout:.0f}s ({last_error})"
+    )
 
 
 def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -37,7 +37,9 @@ def designdocs_dir() -> Path:
     for candidate in (here.parent / "designdocs", here / "designdocs"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError("the designdocs/ folder was not found beside or inside the after package")
+    raise FileNotFoundError(
+        "the designdocs/ folder was not found beside or inside the after package"
+    )
 
 
 def compile_designdoc(folder: Path) -> dict[str, Any]:

@@ -137,6 +137,7 @@ def outcome_fields(
         fields["error"] = None
     else:
         fields["error"] = error_info(error)
+        fields["result"] = None  # none from an earlier attempt either
     return fields
 
 

@@ -106,7 +106,9 @@ class BulkWriter:
                 rows = self.db.bulk_docs([doc for doc, _ in pending])
             except CouchError as exc:
                 # Nothing is lost: the same batch is sent again once the server answers.
-                log.warning("writing %d task(s) failed (%s); retrying in %.1fs", len(pending), exc, backoff)
+                log.warning(
+                    "writing %d task(s) failed (%s); retrying in %.1fs", len(pending), exc, backoff
+                )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -155,8 +157,12 @@ class Worker:
         self.timer.start()
         log.info(
             "worker %s started as %s on %s, database %s, jobs in %s",
-            self.name, self.instance, self.server.display_url, self.db.name, self.config.jobs.resolve(),
-        )  # fmt: skip
+            self.name,
+            self.instance,
+            self.server.display_url,
+            self.db.name,
+            self.config.jobs.resolve(),
+        )
         self._read_current_state()
         feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
         feed.start()
@@ -187,9 +193,11 @@ class Worker:
         info = self.db.info()
         if self.db.get(f"_design/{DDOC}") is None:
             raise CouchError(
-                404, "not_found", f"the design document _design/{DDOC} is missing: run `after push`",
+                404,
+                "not_found",
+                f"the design document _design/{DDOC} is missing: run `after push`",
                 f"database {self.db.name}",
-            )  # fmt: skip
+            )
         return info["update_seq"]
 
     def _read_current_state(self) -> None:
@@ -197,9 +205,13 @@ class Worker:
         count = 0
         for status in tasks.ACTIVE:
             rows = self.db.iter_view(
-                DDOC, "by_worker", page_size=self.page_size, include_docs=True,
-                startkey=[self.name, status], endkey=[self.name, status, {}],
-            )  # fmt: skip
+                DDOC,
+                "by_worker",
+                page_size=self.page_size,
+                include_docs=True,
+                startkey=[self.name, status],
+                endkey=[self.name, status, {}],
+            )
             for row in rows:
                 self._seen(row["doc"])
                 count += 1
@@ -227,8 +239,11 @@ class Worker:
         self._write_state_file(force=True, running=False)
         log.info(
             "worker %s stopped: %d done, %d failed, %d canceled",
-            self.name, self.stats.done, self.stats.failed, self.stats.canceled,
-        )  # fmt: skip
+            self.name,
+            self.stats.done,
+            self.stats.failed,
+            self.stats.canceled,
+        )
 
     # -- the feed ----------------------------------------------------------------
     def _follow(self, since: Any) -> None:
@@ -236,9 +251,12 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 changes = self.db.follow(
-                    since, stop=self.stopping, include_docs=True,
-                    filter=f"{DDOC}/worker", worker=self.name,
-                )  # fmt: skip
+                    since,
+                    stop=self.stopping,
+                    include_docs=True,
+                    filter=f"{DDOC}/worker",
+                    worker=self.name,
+                )
                 for change in changes:
                     since = change["seq"]
                     if "doc" in change and not change.get("deleted"):
@@ -283,15 +301,26 @@ class Worker:
                 return self._write(task_id, tasks.hand_back_update(doc))
             state.local = Local.HELD
             due = tasks.parse_date(doc["date"])
-            self.timer.schedule(due - self.lead, lambda: self.control.put(lambda: self._commit(task_id)), key=task_id)
+            self.timer.schedule(
+                due - self.lead,
+                lambda: self.control.put(lambda: self._commit(task_id)),
+                key=task_id,
+            )
         elif step is Step.CANCEL:
             self._unhold(task_id, state)
             self._write(task_id, tasks.canceled_update(doc, tasks.now()))
         elif step is Step.CANCEL_AFTER_RUN:
             state.cancel_requested = True
-            log.info("task %s: cancel asked while its job runs; it will be marked canceled when it ends", task_id)
+            log.info(
+                "task %s: cancel asked while its job runs; it will be marked canceled when it ends",
+                task_id,
+            )
         elif step is Step.LOST:
-            log.warning("task %s was running under %s, which is gone: marking it err", task_id, doc.get("owner"))
+            log.warning(
+                "task %s was running under %s, which is gone: marking it err",
+                task_id,
+                doc.get("owner"),
+            )
             self._write(task_id, tasks.lost_update(doc, tasks.now()))
         elif step is Step.FORGET:
             self._forget(task_id)
@@ -310,7 +339,9 @@ class Worker:
     def _write(self, task_id: str, doc: Doc) -> None:
         state = self.states[task_id]
         state.writing = True
-        self.writer.write(doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row)))
+        self.writer.write(
+            doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row))
+        )
 
     def _written(self, task_id: str, doc: Doc, row: dict[str, Any]) -> None:
         state = self.states.get(task_id)
@@ -318,27 +349,37 @@ class Worker:
             return
         state.writing = False
         newer, state.newer = state.newer, None
-        if "rev" in row and not row.get("error"):
+        if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)
-        elif row.get("error") == "conflict":
-            log.info("task %s changed under us (409); deciding again on the newer version", task_id)
-            latest = newer if newer and newer["_rev"] != doc["_rev"] else self.db.get(task_id)
-            if latest is None:
-                self._forget(task_id)
-            else:
-                state.doc = latest
+            if newer and task_id in self.states and _is_newer(newer, state.doc):
+                state.doc = newer
                 self._decide(task_id, state)
-            self._maybe_finish_stop()
-            return
-        else:
-            # A refusal by validate_doc_update: report it, never loop on it.
-            log.error("task %s: the write was refused: %s: %s", task_id, row.get("error"), row.get("reason"))
-            self._forget(task_id)
-        if newer and task_id in self.states and tasks.rev_number(newer["_rev"]) > tasks.rev_number(state.doc["_rev"]):
-            state.doc = newer
+        elif (latest := self._changed_since(task_id, doc, newer, row)) is not None:
+            state.doc = latest
             self._decide(task_id, state)
+        else:
+            self._forget(task_id)
         self._maybe_finish_stop()
+
+    def _changed_since(
+        self, task_id: str, written: Doc, newer: Doc | None, row: dict[str, Any]
+    ) -> Doc | None:
+        """After a refused write: the task's newer version if someone changed it since
+        the revision the write was based on, else None (the refusal is logged).
+
+        CouchDB answers such a stale write with 409; PouchDB Server runs
+        validate_doc_update first and may answer 403, so both are checked the same way.
+        """
+        latest = newer if newer and _is_newer(newer, written) else self.db.get(task_id)
+        if latest is not None and latest["_rev"] != written["_rev"]:
+            log.info("task %s changed under us (%s); deciding again", task_id, row.get("error"))
+            return latest
+        if latest is not None:  # a real refusal: report it, never loop on it
+            log.error(
+                "task %s: write refused: %s: %s", task_id, row.get("error"), row.get("reason")
+            )
+        return None
 
     def _after_write(self, task_id: str, state: TaskState) -> None:
         status = state.doc["status"]
@@ -347,7 +388,9 @@ class Worker:
         elif status == "running":
             state.local = Local.COMMITTED
             due = tasks.parse_date(state.doc["date"])
-            self.timer.schedule(due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id)
+            self.timer.schedule(
+                due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id
+            )
         elif status in ("done", "err", "canceled", "waiting"):
             if status == "done":
                 self.stats.done += 1
@@ -362,7 +405,12 @@ class Worker:
     def _commit(self, task_id: str) -> None:
         """Shortly before the due time: write `running` so the start is not delayed by it."""
         state = self.states.get(task_id)
-        if state is None or state.local is not Local.HELD or state.writing or self.stopping.is_set():
+        if (
+            state is None
+            or state.local is not Local.HELD
+            or state.writing
+            or self.stopping.is_set()
+        ):
             return
         self._write(task_id, tasks.running_update(state.doc, self.instance))
 
@@ -380,9 +428,11 @@ class Worker:
     def _execute(self, task_id: str, doc: Doc) -> None:
         job = doc["job"]
         context = JobContext(
-            task_id=task_id, attempt=int(doc.get("attempt", 1)), worker=self.name,
+            task_id=task_id,
+            attempt=int(doc.get("attempt", 1)),
+            worker=self.name,
             idempotency_key=f"{task_id}:{doc.get('attempt', 1)}",
-        )  # fmt: skip
+        )
         started = tasks.now()
         try:
             fn = self.jobs.load(job["name"])
@@ -412,24 +462,21 @@ class Worker:
 
         self.writer.write(doc, on_result)
 
-    def _outcome_written(self, task_id: str, doc: Doc, outcome: dict[str, Any], row: dict[str, Any]) -> None:
+    def _outcome_written(
+        self, task_id: str, doc: Doc, outcome: dict[str, Any], row: dict[str, Any]
+    ) -> None:
         state = self.states.get(task_id)
         if state is None:
             return
         state.writing = False
-        if row.get("error") == "conflict":
-            # Someone changed the task while the job ran (a cancel): the outcome
-            # still has to be recorded, on the newest version.
-            latest = self.db.get(task_id)
-            if latest is not None and latest.get("status") in ("running", "cancel"):
-                state.doc, state.newer = latest, None
-                self._write_outcome(task_id, state, outcome)
-                return
-        elif row.get("error"):
-            log.error("task %s: the outcome was refused: %s: %s", task_id, row.get("error"), row.get("reason"))
-        else:
+        if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)
+        elif (latest := self._changed_since(task_id, doc, state.newer, row)) is not None:
+            # Changed while the job ran (a cancel): record the outcome on the newest version.
+            state.doc, state.newer = latest, None
+            if latest.get("status") in ("running", "cancel"):
+                return self._write_outcome(task_id, state, outcome)
         self._forget(task_id)
         self._maybe_finish_stop()
 
@@ -456,3 +503,6 @@ class Worker:
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_file)
 
+
+def _is_newer(doc: Doc, than: Doc) -> bool:
+    return tasks.rev_number(doc["_rev"]) > tasks.rev_number(than["_rev"])

@@ -1,0 +1,470 @@
+'use strict';
+/*
+ * After's guard for the embedded PouchDB Server 4.2.0, loaded with
+ * `node -r .../guard.js .../pouchdb-server ...` (see after/embedded.py).
+ *
+ * Started plainly, PouchDB Server dies, wedges or leaks on ordinary requests
+ * (couchdb-compat.md, "PouchDB Server hazards"). This preload patches the
+ * express-pouchdb code paths behind those hazards while the modules load,
+ * before the server builds its app:
+ *
+ *   - express-pouchdb/lib/create-or-delete-dbs.js: its global promise chain
+ *     stayed rejected after a refused `DELETE /db`, so every later request
+ *     that opens a database hung. Replaced by a chain that never stays
+ *     rejected; a refused destroy keeps the open database in the cache.
+ *   - express-pouchdb/lib/utils.js setDBOnReq: a failure to open or wrap a
+ *     database is answered instead of leaving the request hanging.
+ *   - pouchdb-changeslike-wrapper (used by pouchdb-security and
+ *     pouchdb-system-db for changes() and replication): it re-emitted
+ *     'error' on an emitter nobody listens to, which threw after the 404 had
+ *     been sent (`_changes` with a bad filter, `_replicate` with an
+ *     unreachable end). Errors still reach listeners and the promise.
+ *   - routes/db.js: `PUT /db` by a non-admin called `db.info` on a rejected
+ *     promise (TypeError, process exit); it is refused with 401 first.
+ *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
+ *     `_design`, `_view` without a view, names without `ddoc/`) are refused
+ *     with 400 before they reach PouchDB.
+ *   - routes/authorization.js and routes/root.js: `/_node/...` is refused
+ *     (404) unless the request is from a logged-in server admin, before and
+ *     after every URL rewrite (cluster-rewrite strips `/_node/node1@127.0.0.1`
+ *     after authorisation ran, which made `/_config` public); admin-only
+ *     paths (`/_config`, `/_log`, ...) are checked again after the rewrites.
+ *
+ * It refuses to start (exit 78) unless pouchdb-server and express-pouchdb are
+ * the pinned version and the patched files are byte for byte the ones these
+ * patches were written against. Fatal errors end the process with one log
+ * line and exit code 70 (uncaught exception) or 71 (cannot listen), so a
+ * supervisor can restart it.
+ */
+
+var crypto = require('crypto');
+var fs = require('fs');
+var http = require('http');
+var path = require('path');
+
+var PINNED_VERSION = '4.2.0';
+var EXIT_FATAL = 70; // EX_SOFTWARE: an uncaught exception
+var EXIT_LISTEN = 71; // the server could not listen (port in use, ...)
+var EXIT_REFUSED = 78; // EX_CONFIG: not the pinned, unmodified PouchDB Server
+var TAG = 'after-embedded-guard:';
+
+// The files patched or relied on, as published in the pinned npm packages.
+var EXPECTED_SHA256 = {
+  'pouchdb-server/lib/index.js':
+    '52eeaf0bfa5a6caf51295bce66c37ddb080f9d073dbe0d85883d55784ed4dae7',
+  'express-pouchdb/lib/index.js':
+    '278552def86bac8a38d5190e11766a7698384805a9f91fa312901c6f83c810dc',
+  'express-pouchdb/lib/create-or-delete-dbs.js':
+    'c9cb9afdd866e9c5406caf78bb599492f28d40ec2ff9eb7af73b6d05062609c1',
+  'express-pouchdb/lib/utils.js':
+    '39bbd10491e9b3976d9d7dd7461e612958676e6fd32028752f9c708da1551a01',
+  'express-pouchdb/lib/routes/db.js':
+    '682524383731b7753209b8ee6c4818f21ccef3d7013cfd14a64438b359a716ea',
+  'express-pouchdb/lib/routes/changes.js':
+    '4b19e57d13fcd64f32061a77373eb76d6faba3da1770484713e9106d7a7d3939',
+  'express-pouchdb/lib/routes/authorization.js':
+    'b6dc1535caa22537a05b0292ae993de730fff106ebac9c25c94a8af5ba948e97',
+  'express-pouchdb/lib/routes/cluster-rewrite.js':
+    'd25d5284826f9facd477ac5da8fe587a055a7cfde072b0a06ae93463b6325d8e',
+  'express-pouchdb/lib/routes/root.js':
+    '3df30184fbce4ebadc12291ff7038b58eaea998c3e7c4d0b8e7528262ffbac76',
+  'pouchdb-changeslike-wrapper/lib/index.js':
+    'a3788f67004fb6e4fdfc8735a31bbc885c95a0e3709caaaaa1b16e917bfe5333',
+  'pouchdb-security/lib/index.js':
+    '5c976f9a5a42aa429c5a7594160d16c5f32ed5290cdf9e8f4f38258699199457'
+};
+
+// Paths only a server admin may use (routes/authorization.js), checked again
+// after vhosts, cluster-rewrite and design-document rewrites changed the URL.
+var ADMIN_ONLY = /^\/(?:_config|_log|_active_tasks|_db_updates|_restart)(?:\/|$)/;
+var NODE_PREFIX = /^\/_node(?:\/|$)/;
+
+function log(message) {
+  process.stderr.write(TAG + ' ' + message + '\n');
+}
+
+function refuse(message) {
+  log('refusing to start: ' + message);
+  process.exit(EXIT_REFUSED);
+}
+
+// --- fatal errors: one clear line, a clear exit code ----------------------
+
+process.on('uncaughtException', function (err) {
+  var detail = (err && err.stack) || String(err);
+  log('fatal: uncaught exception, exiting with code ' + EXIT_FATAL + ': ' + detail);
+  process.exit(EXIT_FATAL);
+});
+
+process.on('SIGTERM', function () {
+  log('stopping on SIGTERM');
+  process.exit(0);
+});
+
+// pouchdb-server only logs a listen error (and then crashes on an undefined
+// stopTailingLog). Say what happened and exit with a code of our own.
+var originalListen = http.Server.prototype.listen;
+http.Server.prototype.listen = function () {
+  this.once('error', function (err) {
+    if (err && err.syscall === 'listen') {
+      log('fatal: cannot listen (' + err.code + '): ' + err.message +
+          ', exiting with code ' + EXIT_LISTEN);
+      process.exit(EXIT_LISTEN);
+    }
+  });
+  this.once('listening', checkAllPatchesApplied);
+  return originalListen.apply(this, arguments);
+};
+
+// --- version check ---------------------------------------------------------
+
+var serverScript;
+try {
+  serverScript = fs.realpathSync(process.argv[1] || '');
+} catch (err) {
+  refuse('cannot find the pouchdb-server script (' + process.argv[1] + ')');
+}
+var serverDir = path.resolve(path.dirname(serverScript), '..');
+
+function readJSON(file) {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    return null;
+  }
+}
+
+var serverPkg = readJSON(path.join(serverDir, 'package.json'));
+if (!serverPkg || serverPkg.name !== 'pouchdb-server') {
+  refuse(serverScript + ' is not the pouchdb-server npm package; ' +
+         'run `npm ci` in the After checkout');
+}
+if (serverPkg.version !== PINNED_VERSION) {
+  refuse('pouchdb-server ' + serverPkg.version + ' is installed, After needs ' +
+         PINNED_VERSION + ' exactly (its safety patches are written for it); ' +
+         'run `npm ci` in the After checkout');
+}
+
+function resolveFrom(baseDir, request) {
+  try {
+    return require.resolve(request, {paths: [baseDir]});
+  } catch (err) {
+    refuse('cannot find ' + request + ' from ' + baseDir + '; run `npm ci`');
+  }
+}
+
+var expressDir = path.dirname(resolveFrom(serverDir, 'express-pouchdb/package.json'));
+var expressPkg = readJSON(path.join(expressDir, 'package.json'));
+if (!expressPkg || expressPkg.version !== PINNED_VERSION) {
+  refuse('express-pouchdb ' + (expressPkg && expressPkg.version) +
+         ' is installed, After needs ' + PINNED_VERSION + ' exactly; run `npm ci`');
+}
+var securityDir = path.dirname(resolveFrom(expressDir, 'pouchdb-security/package.json'));
+var changeslikeDir = path.dirname(
+  resolveFrom(securityDir, 'pouchdb-changeslike-wrapper/package.json'));
+
+var packageDirs = {
+  'pouchdb-server': serverDir,
+  'express-pouchdb': expressDir,
+  'pouchdb-security': securityDir,
+  'pouchdb-changeslike-wrapper': changeslikeDir
+};
+
+function fileOf(relative) {
+  var slash = relative.indexOf('/');
+  return path.join(packageDirs[relative.slice(0, slash)], relative.slice(slash + 1));
+}
+
+Object.keys(EXPECTED_SHA256).forEach(function (relative) {
+  var file = fileOf(relative);
+  var digest;
+  try {
+    digest = crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+  } catch (err) {
+    refuse('cannot read ' + file + ': ' + err.message);
+  }
+  if (digest !== EXPECTED_SHA256[relative]) {
+    refuse(file + ' differs from the published ' + relative.split('/')[0] + ' ' +
+           PINNED_VERSION + ' (sha256 ' + digest + '); reinstall with `npm ci`');
+  }
+});
+
+// --- patching helpers --------------------------------------------------------
+
+var applied = {};
+
+// Load a module now and swap what later require() calls of it return.
+function replaceExports(relative, makeExports) {
+  var file = require.resolve(fileOf(relative));
+  var original = require(file);
+  require.cache[file].exports = makeExports(original);
+}
+
+// Wrap a route module of express-pouchdb: `before(app)` runs just before the
+// module registers its own routes and middleware.
+function beforeRoutes(name, before) {
+  replaceExports('express-pouchdb/lib/routes/' + name + '.js', function (original) {
+    return function (app) {
+      before(app);
+      applied['routes/' + name] = true;
+      return original.apply(this, arguments);
+    };
+  });
+}
+
+function checkAllPatchesApplied() {
+  var missing = [
+    'create-or-delete-dbs', 'utils.setDBOnReq', 'pouchdb-changeslike-wrapper',
+    'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
+  ].filter(function (name) {
+    return !applied[name];
+  });
+  if (missing.length) {
+    refuse('the safety patches were not all applied (' + missing.join(', ') +
+           '); is pouchdb-server using another copy of express-pouchdb?');
+  }
+  log('PouchDB Server ' + PINNED_VERSION + ' guarded (pid ' + process.pid + ')');
+}
+
+function sendError(res, status, error, reason) {
+  if (res.headersSent) {
+    return res.end();
+  }
+  utils.sendJSON(res, status, {error: error, reason: reason});
+}
+
+function userCtx(req) {
+  return (req.couchSession && req.couchSession.userCtx) || {name: null, roles: []};
+}
+
+function isServerAdmin(req) {
+  return (userCtx(req).roles || []).indexOf('_admin') !== -1;
+}
+
+function isLoggedInServerAdmin(req) {
+  return isServerAdmin(req) && typeof userCtx(req).name === 'string';
+}
+
+// --- create-or-delete-dbs.js: a lock chain that never stays rejected -------
+
+replaceExports('express-pouchdb/lib/create-or-delete-dbs.js', function (original) {
+  var chain = Promise.resolve();
+  function noop() {}
+
+  function doSequentially(fun) {
+    var result = chain.then(fun);
+    chain = result.then(noop, noop);
+    return result;
+  }
+
+  function cacheOf(PouchDB) {
+    if (!PouchDB.__dbCacheMap) {
+      PouchDB.__dbCacheMap = new Map();
+    }
+    return PouchDB.__dbCacheMap;
+  }
+
+  function getOrCreateDB(PouchDB, dbName) {
+    return doSequentially(function () {
+      var cache = cacheOf(PouchDB);
+      var db = cache.get(dbName);
+      if (!db) {
+        db = new PouchDB(dbName);
+        cache.set(dbName, db);
+      }
+      return db;
+    });
+  }
+
+  function deleteDB(PouchDB, dbName, opts) {
+    return doSequentially(function () {
+      var cache = cacheOf(PouchDB);
+      var db = cache.get(dbName);
+      if (!db) {
+        return PouchDB.destroy(dbName, opts);
+      }
+      cache.delete(dbName);
+      return db.destroy(opts).catch(function (err) {
+        // refused (not a server admin): the database is still open and in use
+        if (err && (err.status === 401 || err.status === 403) && !cache.has(dbName)) {
+          cache.set(dbName, db);
+        }
+        throw err;
+      });
+    });
+  }
+
+  applied['create-or-delete-dbs'] = true;
+  var patched = Object.assign({}, original);
+  patched.getOrCreateDB = getOrCreateDB;
+  patched.deleteDB = deleteDB;
+  return patched;
+});
+
+// utils.js is loaded only now, so that it already sees the patched module.
+var utils = require(fileOf('express-pouchdb/lib/utils.js'));
+
+// --- utils.setDBOnReq: answer instead of hanging -----------------------------
+
+(function () {
+  var cleanFilename = require(fileOf('express-pouchdb/lib/clean-filename.js'));
+  var getOrCreateDB = require(fileOf('express-pouchdb/lib/create-or-delete-dbs.js')).getOrCreateDB;
+  var mkdirp = require(resolveFrom(expressDir, 'mkdirp'));
+
+  utils.setDBOnReq = function (dbName, dbWrapper, req, res, next) {
+    dbName = cleanFilename(dbName);
+    req.PouchDB.allDbs(function (err, dbs) {
+      if (err) {
+        return utils.sendError(res, err);
+      }
+      if (dbs.indexOf(dbName) === -1) {
+        return utils.sendJSON(res, 404, {error: 'not_found', reason: 'no_db_file'});
+      }
+      getOrCreateDB(req.PouchDB, dbName).then(function (db) {
+        // the workaround of the original for pouchdb/pouchdb#5668
+        if (/\//.test(dbName)) {
+          var dbPath = db.__opts.prefix ? db.__opts.prefix + dbName : dbName;
+          mkdirp.sync(path.resolve(dbPath));
+        }
+        return dbWrapper.wrap(dbName, db).then(function () {
+          req.db = db;
+        });
+      }).then(function () {
+        next();
+      }, function (err) {
+        log('cannot open database ' + JSON.stringify(dbName) + ': ' + ((err && err.stack) || err));
+        sendError(res, (err && err.status) || 500, (err && err.name) || 'unknown_error',
+                  (err && err.message) || 'cannot open the database');
+      });
+    });
+  };
+  applied['utils.setDBOnReq'] = true;
+})();
+
+// --- pouchdb-changeslike-wrapper: no 'error' event nobody listens to --------
+
+replaceExports('pouchdb-changeslike-wrapper/lib/index.js', function () {
+  var EventEmitter = require('events').EventEmitter;
+  var forwarded = ['change', 'complete', 'create', 'update', 'delete'];
+
+  function changesLikeWrapper(handler, origChanges, args) {
+    var newResult = new EventEmitter();
+    var isCancelled = false;
+
+    var promise = handler(function () {
+      var origResult = origChanges();
+      forwarded.forEach(function (event) {
+        origResult.on(event, newResult.emit.bind(newResult, event));
+      });
+      // The error also rejects the promise; only re-emit it when someone
+      // listens, else EventEmitter throws it and the process dies.
+      origResult.on('error', function (err) {
+        if (newResult.listenerCount('error') > 0) {
+          newResult.emit('error', err);
+        }
+      });
+      if (isCancelled) {
+        origResult.cancel();
+      } else {
+        newResult.on('cancel', function () {
+          origResult.cancel();
+        });
+      }
+      return origResult;
+    }, args);
+
+    newResult.then = promise.then.bind(promise);
+    newResult.catch = promise.catch.bind(promise);
+    // Callers that only listen to events must not leave a rejection unhandled.
+    promise.then(null, function () {});
+    newResult.cancel = function () {
+      isCancelled = true;
+      newResult.emit('cancel');
+      newResult.removeAllListeners();
+    };
+    return newResult;
+  }
+
+  applied['pouchdb-changeslike-wrapper'] = true;
+  return function createChangeslikeWrapper(handler) {
+    return changesLikeWrapper.bind(null, handler);
+  };
+});
+
+// --- /_node and admin-only paths ------------------------------------------------
+
+function decodedPath(req) {
+  var pathname = req.url.split('?')[0];
+  try {
+    return decodeURIComponent(pathname).toLowerCase();
+  } catch (err) {
+    return pathname.toLowerCase();
+  }
+}
+
+function guardSpecialPaths(req, res, next) {
+  var pathname = decodedPath(req);
+  if (NODE_PREFIX.test(pathname) && !isLoggedInServerAdmin(req)) {
+    return sendError(res, 404, 'not_found',
+                     'the /_node API is only for logged-in server admins here');
+  }
+  if (ADMIN_ONLY.test(pathname) && !isServerAdmin(req)) {
+    return sendError(res, 401, 'unauthorized', 'You are not a server admin.');
+  }
+  next();
+}
+
+// before authorisation (after authentication) and every URL rewrite ...
+beforeRoutes('authorization', function (app) {
+  app.use(guardSpecialPaths);
+});
+// ... and again once vhosts, cluster-rewrite and rewrites are done
+beforeRoutes('root', function (app) {
+  app.use(guardSpecialPaths);
+});
+
+// --- PUT /db by a non-admin: refuse before routes/db.js crashes --------------
+
+beforeRoutes('db', function (app) {
+  app.put('/:db', function (req, res, next) {
+    if (!isServerAdmin(req)) {
+      return sendError(res, 401, 'unauthorized', 'You are not a server admin.');
+    }
+    next();
+  });
+});
+
+// --- _changes filters PouchDB Server cannot serve -----------------------------
+
+function checkChangesFilter(req, res, next) {
+  var filter = req.query.filter;
+  var view = req.query.view;
+  if (typeof filter === 'undefined' || filter === '_doc_ids') {
+    return next();
+  }
+  if (typeof filter !== 'string') {
+    return sendError(res, 400, 'bad_request',
+                     '`filter` must be ddoc/name, _doc_ids or _view');
+  }
+  if (filter === '_view') {
+    if (typeof view !== 'string' || !/^[^/]+\/[^/]+$/.test(view)) {
+      return sendError(res, 400, 'bad_request',
+                       '`filter=_view` needs a `view` parameter of the form ddoc/view');
+    }
+    return next();
+  }
+  if (filter === '_selector' || filter === '_design') {
+    return sendError(res, 400, 'bad_request',
+                     '`filter=' + filter + '` is not supported by PouchDB Server');
+  }
+  if (filter.charAt(0) === '_' || !/^[^/]+\/[^/]+$/.test(filter)) {
+    return sendError(res, 400, 'bad_request',
+                     '`filter` must be ddoc/name, _doc_ids or _view');
+  }
+  next();
+}
+
+beforeRoutes('changes', function (app) {
+  app.get('/:db/_changes', checkChangesFilter);
+  app.post('/:db/_changes', checkChangesFilter);
+});

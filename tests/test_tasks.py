@@ -1,0 +1,148 @@
+"""The worker's decisions and the documents it writes, as plain functions."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from after import tasks
+from after.tasks import Local, Step, next_step
+
+ME = "manobi@host:1:aaaa"
+OTHER = "manobi@host:2:bbbb"
+
+
+def doc(status: str, owner: str | None = None, **fields: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "_id": "t1",
+        "_rev": "1-x",
+        "worker": "manobi",
+        "date": "2026-12-01T09:30:00Z",
+        "job": {"name": "echo", "arguments": [1]},
+        "status": status,
+    }
+    if owner:
+        base["owner"] = owner
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    ("status", "owner", "local", "step"),
+    [
+        ("waiting", None, Local.NONE, Step.CLAIM),
+        ("reschedule", ME, Local.HELD, Step.CLAIM),
+        ("reschedule", OTHER, Local.NONE, Step.CLAIM),
+        ("scheduled", ME, Local.NONE, Step.HOLD),
+        ("scheduled", ME, Local.HELD, Step.HOLD),
+        ("scheduled", OTHER, Local.NONE, Step.CLAIM),
+        ("scheduled", OTHER, Local.HELD, Step.FORGET),
+        ("running", ME, Local.COMMITTED, Step.IGNORE),
+        ("running", ME, Local.RUNNING, Step.IGNORE),
+        ("running", OTHER, Local.NONE, Step.LOST),
+        ("running", OTHER, Local.HELD, Step.FORGET),
+        ("cancel", ME, Local.HELD, Step.CANCEL),
+        ("cancel", ME, Local.COMMITTED, Step.CANCEL),
+        ("cancel", ME, Local.RUNNING, Step.CANCEL_AFTER_RUN),
+        ("cancel", None, Local.NONE, Step.CANCEL),
+        ("done", ME, Local.NONE, Step.FORGET),
+        ("err", ME, Local.NONE, Step.FORGET),
+        ("canceled", ME, Local.HELD, Step.FORGET),
+    ],
+)
+def test_next_step(status: str, owner: str | None, local: Local, step: Step) -> None:
+    assert next_step(doc(status, owner), ME, local) is step
+
+
+def test_every_status_has_a_decision() -> None:
+    for status in tasks.STATUSES:
+        for local in Local:
+            assert isinstance(next_step(doc(status, OTHER), ME, local), Step)
+
+
+def test_the_steps_write_only_transitions_the_table_allows() -> None:
+    """Each document a step writes moves the task along an edge of rules.json."""
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    writes = [
+        ("waiting", tasks.claim_update(doc("waiting"), ME, now)),
+        ("reschedule", tasks.claim_update(doc("reschedule"), ME, now)),
+        ("scheduled", tasks.running_update(doc("scheduled", ME), ME)),
+        ("scheduled", tasks.hand_back_update(doc("scheduled", ME))),
+        ("cancel", tasks.canceled_update(doc("cancel"), now)),
+        ("running", tasks.lost_update(doc("running", OTHER), now)),
+        ("running", tasks.outcome_update(doc("running", ME), {"result": 1})),
+        ("running", tasks.outcome_update(doc("running", ME), {"error": {"type": "X"}})),
+        ("cancel", tasks.outcome_update(doc("cancel", ME), {"result": 1})),
+    ]
+    for before, written in writes:
+        assert written["status"] in tasks.TRANSITIONS[before], (before, written["status"])
+        assert tasks.TRANSITIONS[before][written["status"]] == "worker"
+
+
+def test_claim_records_owner_and_time_and_hand_back_removes_them() -> None:
+    at = datetime(2026, 12, 1, 9, 0, 0, 123456, tzinfo=UTC)
+    claimed = tasks.claim_update(doc("waiting"), ME, at)
+    assert claimed["owner"] == ME
+    assert claimed["claimed_at"] == "2026-12-01T09:00:00.123Z"
+    handed_back = tasks.hand_back_update(claimed)
+    assert handed_back["status"] == "waiting"
+    assert "owner" not in handed_back
+    assert "claimed_at" not in handed_back
+
+
+def test_running_counts_attempts() -> None:
+    first = tasks.running_update(doc("scheduled", ME), ME)
+    assert first["attempt"] == 1
+    assert tasks.running_update({**first, "status": "scheduled"}, ME)["attempt"] == 2
+
+
+def test_an_outcome_records_times_and_result_or_error() -> None:
+    started = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    finished = started + timedelta(milliseconds=12.5)
+    ok = tasks.outcome_update(doc("running", ME), tasks.outcome_fields(started, finished, result=[1]))
+    assert ok["status"] == "done"
+    assert ok["result"] == [1]
+    assert ok["duration_ms"] == 12.5
+    assert ok["started_at"] == "2026-12-01T09:30:00.000Z"
+    assert "error" not in ok
+    try:
+        raise ValueError("bad value")
+    except ValueError as exc:
+        failed_fields = tasks.outcome_fields(started, finished, error=exc)
+    failed = tasks.outcome_update(doc("running", ME, result="old"), failed_fields)
+    assert failed["status"] == "err"
+    assert "result" not in failed
+    assert failed["error"]["type"] == "ValueError"
+    assert failed["error"]["message"] == "bad value"
+    assert "raise ValueError" in failed["error"]["traceback"]
+
+
+def test_a_huge_error_message_is_cut_with_a_marker() -> None:
+    info = tasks.error_info(RuntimeError("x" * 100_000))
+    assert len(info["message"]) < tasks.MAX_TEXT + 100
+    assert info["message"].endswith("more characters]")
+
+
+@pytest.mark.parametrize(
+    ("text", "utc"),
+    [
+        ("2011-10-12", "2011-10-12T00:00:00.000Z"),
+        ("2026-12-01T09:30", "2026-12-01T09:30:00.000Z"),
+        ("2026-12-01T09:30:00", "2026-12-01T09:30:00.000Z"),
+        ("2026-12-01 09:30:00", "2026-12-01T09:30:00.000Z"),
+        ("2026-12-01T09:30:00Z", "2026-12-01T09:30:00.000Z"),
+        ("2026-12-01T09:30:00.5Z", "2026-12-01T09:30:00.500Z"),
+        ("2026-12-01T09:30:00.123456+02:00", "2026-12-01T07:30:00.123Z"),
+        ("2026-12-01T01:00:00-05:30", "2026-12-01T06:30:00.000Z"),
+    ],
+)
+def test_dates_are_read_as_the_contract_says(text: str, utc: str) -> None:
+    """Same answers as the views' `due` key (tests/test_designdoc.py checks the JS side)."""
+    assert re.fullmatch(tasks.RULES["patterns"]["date"], text)
+    assert tasks.iso(tasks.parse_date(text)) == utc
+
+
+def test_revision_numbers() -> None:
+    assert tasks.rev_number("12-abc") == 12
+    assert tasks.rev_number(None) == 0
