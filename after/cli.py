@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from after import __version__, embedded
+from after import __version__, embedded, records
 from after.config import Config
 from after.couch import CouchError, Server
+from after.tasks import parse_date
 
 console = Console()
 
@@ -134,6 +136,19 @@ def main(home: str | None) -> None:
 @connection_options
 @click.option("--jobs", metavar="DIR", help="Jobs directory [env AFTER_JOBS; default: ./jobs].")
 @click.option("--concurrency", default=4, show_default=True, help="Jobs that may run at once.")
+@click.option(
+    "--horizon",
+    default=300.0,
+    show_default=True,
+    help="Seconds ahead: tasks due later stay waiting in the database, not in memory.",
+)
+@click.option("--heartbeat", default=5.0, show_default=True, help="Seconds between lease renewals.")
+@click.option(
+    "--lease",
+    default=30.0,
+    show_default=True,
+    help="Seconds without a renewal after which other instances take this one's tasks over.",
+)
 @click.option("--foreground", is_flag=True, help="Stay attached and log to the terminal.")
 @friendly_errors
 def start(
@@ -142,6 +157,9 @@ def start(
     db: str | None,
     jobs: str | None,
     concurrency: int,
+    horizon: float,
+    heartbeat: float,
+    lease: float,
     foreground: bool,
 ) -> None:
     """Start a worker with the given NAME (in the background unless --foreground)."""
@@ -157,13 +175,16 @@ def start(
     pid = read_pid(paths.pid(name))
     if pid and pid != os.getpid() and pid_alive(pid):
         fail(f"worker {name} is already running here (pid {pid}); `after stop {name}` first")
+    options = dict(concurrency=concurrency, horizon=horizon, heartbeat=heartbeat, lease=lease)
+    if lease <= heartbeat:
+        fail(f"--lease ({lease:g}s) must be longer than --heartbeat ({heartbeat:g}s)")
     if foreground:
-        run_foreground(config, name, concurrency, paths)
+        run_foreground(config, name, options, paths)
     else:
-        start_daemon(config, name, concurrency, paths)
+        start_daemon(config, name, options, paths)
 
 
-def run_foreground(config: Config, name: str, concurrency: int, paths: Paths) -> None:
+def run_foreground(config: Config, name: str, options: dict[str, Any], paths: Paths) -> None:
     from after.worker import Worker
 
     logging.Formatter.converter = time.gmtime
@@ -174,7 +195,7 @@ def run_foreground(config: Config, name: str, concurrency: int, paths: Paths) ->
         stream=sys.stderr,
         force=True,
     )
-    worker = Worker(config, name, concurrency=concurrency, state_file=paths.state(name))
+    worker = Worker(config, name, state_file=paths.state(name), **options)
     worker.install_signal_handlers()
     paths.pid(name).write_text(str(os.getpid()))
     try:
@@ -184,7 +205,7 @@ def run_foreground(config: Config, name: str, concurrency: int, paths: Paths) ->
             paths.pid(name).unlink(missing_ok=True)
 
 
-def start_daemon(config: Config, name: str, concurrency: int, paths: Paths) -> None:
+def start_daemon(config: Config, name: str, options: dict[str, Any], paths: Paths) -> None:
     """Start `after start NAME --foreground` detached, logging to its log file."""
     state = paths.state(name)
     state.unlink(missing_ok=True)
@@ -199,17 +220,9 @@ def start_daemon(config: Config, name: str, concurrency: int, paths: Paths) -> N
         env["AFTER_COUCHDB_USER"] = config.user
         env["AFTER_COUCHDB_PASSWORD"] = config.password or ""
     with open(paths.log(name), "ab") as log:
+        flags = [part for key, value in options.items() for part in (f"--{key}", str(value))]
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "after",
-                "start",
-                name,
-                "--foreground",
-                "--concurrency",
-                str(concurrency),
-            ],
+            [sys.executable, "-m", "after", "start", name, "--foreground", *flags],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -281,11 +294,22 @@ def log(name: str, follow: bool, lines: int) -> None:
 
 
 @main.command(name="list")
-def list_workers() -> None:
-    """List the workers running on this machine."""
-    paths = Paths(load_config().home)
-    table = Table("worker", "pid", "state", "uptime", "held", "done", "failed", "database")
-    count = 0
+@connection_options
+def list_workers(couchdb_url: str | None, db: str | None) -> None:
+    """List the workers running on this machine, and every instance the database knows."""
+    config = load_config(couchdb_url, db)
+    paths = Paths(config.home)
+    local = Table(
+        "worker",
+        "pid",
+        "state",
+        "uptime",
+        "held",
+        "done",
+        "failed",
+        "database",
+        title="on this machine",
+    )
     for pid_file in sorted(paths.workers.glob("*.pid")) if paths.workers.is_dir() else []:
         name = pid_file.stem
         pid = read_pid(pid_file)
@@ -294,10 +318,9 @@ def list_workers() -> None:
             state = json.loads(paths.state(name).read_text())
         except (OSError, ValueError):
             state = {}
-        uptime = (
-            format_duration(time.time() - state["started"]) if alive and "started" in state else "-"
-        )
-        table.add_row(
+        started = state.get("started")
+        uptime = format_duration(time.time() - started) if alive and started else "-"
+        local.add_row(
             name,
             str(pid or "-"),
             "running" if alive else "dead (stale pid file)",
@@ -307,11 +330,56 @@ def list_workers() -> None:
             str(state.get("failed", "-")),
             f"{state.get('url', '')}{state.get('db', '')}",
         )
-        count += 1
-    if count == 0:
-        click.echo("no workers running here")
+    if local.row_count:
+        console.print(local)
     else:
-        console.print(table)
+        click.echo("no workers running on this machine")
+    try:
+        database = Server.from_config(config, timeout=5).database(config.db)
+        rows = database.all_docs(include_docs=True, **records.all_range())["rows"]
+    except CouchError as exc:
+        click.echo(f"worker records not read: {exc}")
+        return
+    everywhere = Table(
+        "worker",
+        "instance",
+        "host",
+        "pid",
+        "state",
+        "last seen",
+        "held",
+        "done",
+        "failed",
+        title=f"instances known to {config.display_url}{config.db}",
+    )
+    now = datetime.now(UTC)
+    for row in rows:
+        record = row.get("doc") or {}
+        last_seen = record.get("last_seen")
+        age = format_duration((now - parse_date(last_seen)).total_seconds()) if last_seen else "-"
+        everywhere.add_row(
+            record.get("name", "?"),
+            record.get("instance", "?"),
+            record.get("host", "?"),
+            str(record.get("pid", "?")),
+            record_state(record, now),
+            f"{age} ago",
+            str(record.get("held", "-")),
+            str(record.get("done", "-")),
+            str(record.get("failed", "-")),
+        )
+    if everywhere.row_count:
+        console.print(everywhere)
+    else:
+        click.echo(f"no worker records in {config.display_url}{config.db}")
+
+
+def record_state(record: dict[str, Any], now: datetime) -> str:
+    if record.get("state") == "running":
+        return "live" if records.is_live(record, now) else "stale (lease ran out)"
+    if record.get("state") == "lost":
+        return f"lost (taken over by {record.get('reaped_by', '?')})"
+    return str(record.get("state", "?"))
 
 
 @main.command()

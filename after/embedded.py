@@ -131,7 +131,8 @@ def command(port: int, data_dir: Path, admin: tuple[str, str] | None = None) -> 
     node = shutil.which("node")
     if node is None:
         raise EmbeddedServerError(
-            "Node.js is not installed (`node` is not on PATH); After's embedded server needs Node.js 20"
+            "Node.js is not installed (`node` is not on PATH); "
+            "After's embedded server needs Node.js 20"
         )
     if not GUARD.is_file():
         raise EmbeddedServerError(f"After's guard for PouchDB Server is missing: {GUARD}")

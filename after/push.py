@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,10 +111,13 @@ def _without_meta(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k not in ("_rev", "_revisions")}
 
 
-def watch(db: Database, report: Callable[[PushResult], None], root: Path | None = None) -> None:
-    """Re-deploy whenever a design file changes (watchdog), until interrupted."""
-    import threading
-
+def watch(
+    db: Database,
+    report: Callable[[PushResult], None],
+    root: Path | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Re-deploy whenever a design file changes (watchdog), until `stop` is set or interrupted."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
@@ -128,9 +132,11 @@ def watch(db: Database, report: Callable[[PushResult], None], root: Path | None 
     observer = Observer()
     observer.schedule(Handler(), str(root), recursive=True)
     observer.start()
+    stop = stop or threading.Event()
     try:
-        while True:
-            dirty.wait()
+        while not stop.is_set():
+            if not dirty.wait(0.2):
+                continue
             time.sleep(0.2)  # editors write in several steps: let them finish
             dirty.clear()
             try:

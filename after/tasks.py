@@ -9,6 +9,7 @@ document a step writes. No I/O here, so every decision is easy to test.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -39,29 +40,50 @@ class Local(Enum):
 class Step(Enum):
     CLAIM = "claim"  # write `scheduled`, owned by this instance
     HOLD = "hold"  # keep it in the timer at its date
+    RELEASE = "release"  # rescheduled beyond the horizon: write `waiting`, owned by nobody
     CANCEL = "cancel"  # drop it and write `canceled`
     CANCEL_AFTER_RUN = "cancel-after-run"  # the job is running: write `canceled` when it ends
-    LOST = "lost"  # its run was interrupted by a dead worker: write `err`
+    LOST = "lost"  # its run was interrupted by a dead instance: write `err`
     FORGET = "forget"  # nothing to do here any more
     IGNORE = "ignore"  # nothing to do now
 
 
-def next_step(doc: Doc, me: str, local: Local) -> Step:
-    """Decide what instance `me` does with this version of a task."""
+def next_step(
+    doc: Doc,
+    me: str,
+    local: Local,
+    owner_alive: Callable[[str], bool] = lambda owner: False,
+    within_horizon: bool = True,
+) -> Step:
+    """Decide what instance `me` does with this version of a task.
+
+    `owner_alive(owner)` tells whether another instance still holds its lease;
+    `within_horizon` whether the task is due soon enough to be held in memory.
+    """
     status = doc.get("status")
     owner = doc.get("owner")
-    if status in ("waiting", "reschedule"):
-        return Step.IGNORE if local is Local.RUNNING else Step.CLAIM
+    if status == "waiting":
+        if local is Local.RUNNING:
+            return Step.IGNORE
+        return Step.CLAIM if within_horizon else Step.FORGET
+    if status == "reschedule":
+        if local is Local.RUNNING:
+            return Step.IGNORE
+        return Step.CLAIM if within_horizon else Step.RELEASE
     if status == "scheduled":
         if owner == me:
             return Step.HOLD if local in (Local.NONE, Local.HELD) else Step.IGNORE
-        # Held by another instance of this worker name. Without leases, a
-        # claim we did not make is a previous process's: take it over.
-        return Step.FORGET if local is not Local.NONE else Step.CLAIM
+        if local is not Local.NONE:
+            return Step.FORGET  # another instance took it over from us
+        if owner and owner_alive(owner):
+            return Step.FORGET
+        return Step.CLAIM  # its owner's lease ran out: take it over
     if status == "running":
-        if owner == me and local in (Local.COMMITTED, Local.RUNNING):
-            return Step.IGNORE
-        return Step.LOST if local is Local.NONE else Step.FORGET
+        if owner == me:
+            return Step.IGNORE if local in (Local.COMMITTED, Local.RUNNING) else Step.LOST
+        if local is not Local.NONE:
+            return Step.FORGET
+        return Step.FORGET if owner and owner_alive(owner) else Step.LOST
     if status == "cancel":
         return Step.CANCEL_AFTER_RUN if local is Local.RUNNING else Step.CANCEL
     return Step.FORGET  # done, err, canceled
@@ -98,7 +120,16 @@ def _update(doc: Doc, **fields: Any) -> Doc:
 
 
 def claim_update(doc: Doc, me: str, at: datetime) -> Doc:
-    return _update(doc, status="scheduled", owner=me, claimed_at=iso(at))
+    """`scheduled`, owned by `me`; taking over another instance's claim is recorded."""
+    fields: dict[str, Any] = {"status": "scheduled", "owner": me, "claimed_at": iso(at)}
+    if doc.get("status") == "scheduled" and doc.get("owner") not in (None, me):
+        fields["takeovers"] = _takeovers(doc, at)
+    return _update(doc, **fields)
+
+
+def _takeovers(doc: Doc, at: datetime) -> list[dict[str, Any]]:
+    entry = {"from": doc.get("owner"), "status": doc.get("status"), "at": iso(at)}
+    return [*doc.get("takeovers", []), entry][-10:]
 
 
 def running_update(doc: Doc, me: str) -> Doc:
@@ -106,7 +137,8 @@ def running_update(doc: Doc, me: str) -> Doc:
 
 
 def hand_back_update(doc: Doc) -> Doc:
-    """Back to `waiting` for any instance to take (graceful stop)."""
+    """Back to `waiting` for any instance to take (graceful stop, or rescheduled
+    beyond the horizon)."""
     return _update(doc, status="waiting", owner=None, claimed_at=None)
 
 
@@ -120,7 +152,9 @@ def lost_update(doc: Doc, at: datetime) -> Doc:
         "message": f"worker lost: instance {doc.get('owner')} stopped while the job was running; "
         "the job may have run in part (set status to reschedule to run it again)",
     }
-    return _update(doc, status="err", error=error, finished_at=iso(at))
+    return _update(
+        doc, status="err", error=error, finished_at=iso(at), takeovers=_takeovers(doc, at)
+    )
 
 
 def outcome_fields(

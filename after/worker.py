@@ -17,6 +17,7 @@ Threads, none of which blocks another:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,16 +27,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from after import tasks
+from after import records, tasks
 from after.config import Config
-from after.couch import CouchError, Database, Server, Unreachable
+from after.couch import Conflict, CouchError, Database, Server, Unreachable
 from after.jobs import JobContext, JobLoader, run_job
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step
@@ -126,13 +127,23 @@ class Worker:
         *,
         concurrency: int = 4,
         lead: float = 0.2,
+        heartbeat: float = 5.0,
+        lease: float = 30.0,
+        horizon: float = 300.0,
         page_size: int = 1000,
         state_file: Path | None = None,
     ) -> None:
+        if lease <= heartbeat:
+            raise ValueError(f"lease ({lease}s) must be longer than the heartbeat ({heartbeat}s)")
         self.config = config
         self.name = name
         self.instance = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lead = timedelta(seconds=lead)
+        self.heartbeat = heartbeat
+        self.lease = timedelta(seconds=lease)
+        self.horizon = timedelta(seconds=horizon)
+        # How often the horizon window is swept for waiting tasks it has reached.
+        self.sweep_every = min(max(horizon / 4, 0.5), 60.0)
         self.page_size = page_size
         self.state_file = state_file
         self.server = Server.from_config(config)
@@ -148,11 +159,18 @@ class Worker:
         self.ready = threading.Event()
         self.last_seq: Any = None
         self._state_written = 0.0
+        self.record: Doc = records.new_record(name, self.instance, tasks.now())
+        # Leases of the other instances of this name, as last read: instance -> lease end.
+        self.leases: dict[str, datetime] = {}
+        self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
+        self.peers_wanted = threading.Event()
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
         """Run until stop() (or SIGTERM/SIGINT when installed by the CLI)."""
         since = self._check_database()
+        self._renew_record()  # our record exists before our first claim
+        self.leases = self._read_leases()[0]
         self.writer.start()
         self.timer.start()
         log.info(
@@ -166,6 +184,8 @@ class Worker:
         self._read_current_state()
         feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
         feed.start()
+        keeper = threading.Thread(target=self._housekeep, name="after-housekeeping", daemon=True)
+        keeper.start()
         self.ready.set()
         self._write_state_file(force=True)
         try:
@@ -173,7 +193,10 @@ class Worker:
                 action = self.control.get()
                 if action is None:
                     break
-                action()
+                try:
+                    action()
+                except Exception:  # one bad event must not stop the worker
+                    log.exception("internal error while handling an event; continuing")
                 self._write_state_file()
         finally:
             self._shutdown()
@@ -201,21 +224,31 @@ class Worker:
         return info["update_seq"]
 
     def _read_current_state(self) -> None:
-        """Every active task of this worker, paged, oldest first within each status."""
+        """The active tasks of this worker, paged, oldest first within each status.
+
+        Waiting and rescheduled tasks are read only up to the horizon: later ones
+        stay in the database until the horizon reaches them.
+        """
         count = 0
+        horizon_end = tasks.iso(tasks.now() + self.horizon)
         for status in tasks.ACTIVE:
-            rows = self.db.iter_view(
-                DDOC,
-                "by_worker",
-                page_size=self.page_size,
-                include_docs=True,
-                startkey=[self.name, status],
-                endkey=[self.name, status, {}],
-            )
-            for row in rows:
-                self._seen(row["doc"])
+            end = horizon_end if status in ("waiting", "reschedule") else {}
+            for doc in self._tasks_in(status, end):
+                self._seen(doc)
                 count += 1
         log.info("start-up: %d active task(s) read", count)
+
+    def _tasks_in(self, status: str, until: str | dict[str, Any]) -> Iterator[Doc]:
+        rows = self.db.iter_view(
+            DDOC,
+            "by_worker",
+            page_size=self.page_size,
+            include_docs=True,
+            startkey=[self.name, status],
+            endkey=[self.name, status, until],
+        )
+        for row in rows:
+            yield row["doc"]
 
     def _begin_stop(self) -> None:
         log.info("stopping: handing back held tasks, letting running jobs finish")
@@ -236,6 +269,10 @@ class Worker:
         self.executor.shutdown(wait=True)
         self.writer.stop()
         self.jobs.close()
+        try:
+            self._put_record(records.stopped(self.record, tasks.now(), self._counts()))
+        except CouchError as exc:
+            log.warning("could not mark this instance's record stopped (%s)", exc)
         self._write_state_file(force=True, running=False)
         log.info(
             "worker %s stopped: %d done, %d failed, %d canceled",
@@ -244,6 +281,117 @@ class Worker:
             self.stats.failed,
             self.stats.canceled,
         )
+
+    # -- records, leases, the horizon (the housekeeping thread) -----------------------
+    def _owner_alive(self, owner: str) -> bool:
+        until = self.leases.get(owner)
+        return until is not None and until > tasks.now()
+
+    def _counts(self) -> dict[str, Any]:
+        return {
+            "held": sum(1 for s in self.states.values() if s.local is not Local.NONE),
+            "done": self.stats.done,
+            "failed": self.stats.failed,
+            "canceled": self.stats.canceled,
+            "last_seq": self.last_seq,
+        }
+
+    def _put_record(self, record: Doc) -> None:
+        try:
+            self.db.put(record)
+        except Conflict:
+            # Someone else wrote our record (a peer marked it lost while we could
+            # not renew it): keep their revision, write ours over it.
+            current = self.db.get(record["_id"])
+            if current is not None:
+                if current.get("reaped_by"):
+                    log.warning("this instance was presumed lost by %s", current["reaped_by"])
+                record["_rev"] = current["_rev"]
+            self.db.put(record)
+        self.record = record
+
+    def _renew_record(self) -> None:
+        self._put_record(records.renewed(self.record, tasks.now(), self.lease, self._counts()))
+
+    def _read_leases(self) -> tuple[dict[str, datetime], list[Doc]]:
+        """Leases of the other instances of this name, and the records to take over."""
+        now = tasks.now()
+        leases: dict[str, datetime] = {}
+        expired: list[Doc] = []
+        rows = self.db.all_docs(include_docs=True, **records.name_range(self.name))
+        for row in rows["rows"]:
+            record = row.get("doc")
+            if not record or record.get("instance") == self.instance:
+                continue
+            until = records.lease_until(record)
+            if until is not None:
+                leases[record["instance"]] = until
+            if records.needs_takeover(record, now):
+                expired.append(record)
+            elif records.can_be_deleted(record, now):
+                self.db.bulk_docs(
+                    [{"_id": record["_id"], "_rev": record["_rev"], "_deleted": True}]
+                )
+        return leases, expired
+
+    def _housekeep(self) -> None:
+        """Renew our lease, watch the peers' leases, sweep the horizon; never exits."""
+        next_beat = next_sweep = time.monotonic()
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_beat or self.peers_wanted.is_set():
+                    self.peers_wanted.clear()
+                    if now >= next_beat:
+                        self._renew_record()
+                        next_beat = now + self.heartbeat
+                    leases, expired = self._read_leases()
+                    self.control.put(lambda leases=leases: self._leases_read(leases))
+                    for record in expired:
+                        self._take_over(record)
+                if now >= next_sweep:
+                    self._sweep_horizon()
+                    next_sweep = now + self.sweep_every
+                backoff = 0.5
+                wait = min(next_beat, next_sweep) - time.monotonic()
+            except CouchError as exc:
+                log.warning("housekeeping failed (%s); retrying in %.1fs", exc, backoff)
+                wait, backoff = backoff, min(backoff * 2, 30.0)
+            if wait > 0:
+                self.peers_wanted.wait(wait)
+
+    def _leases_read(self, leases: dict[str, datetime]) -> None:
+        """On the control thread: new leases; decide on tasks that waited for them."""
+        self.leases = leases
+        waiting, self.awaiting_peers = self.awaiting_peers, set()
+        for task_id in waiting:
+            state = self.states.get(task_id)
+            if state is None or state.writing:
+                continue
+            owner = state.doc.get("owner")
+            if owner not in self.leases:  # no record at all: nobody renews its lease
+                self.leases[owner] = datetime.min.replace(tzinfo=tasks.UTC)
+            self._decide(task_id, state)
+
+    def _take_over(self, record: Doc) -> None:
+        """An instance of our name stopped renewing its lease: take over what it held."""
+        owner = record["instance"]
+        log.warning("instance %s stopped renewing its lease; taking over its tasks", owner)
+        self.control.put(lambda: self.leases.__setitem__(owner, records.lease_until(record)))
+        for status in ("scheduled", "running"):
+            for doc in self._tasks_in(status, {}):
+                if doc.get("owner") == owner:
+                    self.control.put(lambda doc=doc: self._seen(doc))
+        # A conflict means another instance reaped it first, or it came back: both are fine.
+        with contextlib.suppress(Conflict):
+            self.db.put(records.reaped(record, self.instance, tasks.now()))
+
+    def _sweep_horizon(self) -> None:
+        """Claim the waiting tasks the horizon has reached since the last sweep."""
+        until = tasks.iso(tasks.now() + self.horizon)
+        for doc in self._tasks_in("waiting", until):
+            self.control.put(lambda doc=doc: self._seen(doc))
 
     # -- the feed ----------------------------------------------------------------
     def _follow(self, since: Any) -> None:
@@ -290,11 +438,31 @@ class Worker:
 
     def _decide(self, task_id: str, state: TaskState) -> None:
         doc = state.doc
-        step = tasks.next_step(doc, self.instance, state.local)
+        owner = doc.get("owner")
+        if (
+            doc.get("status") in ("scheduled", "running")
+            and owner not in (None, self.instance)
+            and owner not in self.leases
+            and state.local is Local.NONE
+        ):
+            # Held by an instance we have not heard of (it may have just started):
+            # read the records again before deciding whether it is alive.
+            self.awaiting_peers.add(task_id)
+            self.peers_wanted.set()
+            return
+        step = tasks.next_step(
+            doc,
+            self.instance,
+            state.local,
+            owner_alive=self._owner_alive,
+            within_horizon=tasks.parse_date(doc["date"]) <= tasks.now() + self.horizon,
+        )
         if step is Step.CLAIM:
             if self.stopping.is_set():
                 return self._forget(task_id)
             self._unhold(task_id, state)
+            if doc.get("status") == "scheduled":
+                log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
             self._write(task_id, tasks.claim_update(doc, self.instance, tasks.now()))
         elif step is Step.HOLD:
             if self.stopping.is_set():
@@ -306,6 +474,9 @@ class Worker:
                 lambda: self.control.put(lambda: self._commit(task_id)),
                 key=task_id,
             )
+        elif step is Step.RELEASE:
+            self._unhold(task_id, state)
+            self._write(task_id, tasks.hand_back_update(doc))
         elif step is Step.CANCEL:
             self._unhold(task_id, state)
             self._write(task_id, tasks.canceled_update(doc, tasks.now()))
@@ -317,13 +488,32 @@ class Worker:
             )
         elif step is Step.LOST:
             log.warning(
-                "task %s was running under %s, which is gone: marking it err",
+                "task %s was running under %s, whose lease ran out: marking it err",
                 task_id,
                 doc.get("owner"),
             )
             self._write(task_id, tasks.lost_update(doc, tasks.now()))
         elif step is Step.FORGET:
             self._forget(task_id)
+
+    def _recheck_later(self, task_id: str, delay: float = 1.0) -> None:
+        at = tasks.now() + timedelta(seconds=delay)
+        action = lambda: self.control.put(lambda: self._recheck(task_id, delay))  # noqa: E731
+        self.timer.schedule(at, action, key=("recheck", task_id))
+
+    def _recheck(self, task_id: str, delay: float) -> None:
+        """Read a task again after a failed read, and decide on what it is now."""
+        state = self.states.get(task_id)
+        if state is None or state.writing:
+            return
+        try:
+            latest = self.db.get(task_id)
+        except CouchError:
+            return self._recheck_later(task_id, min(delay * 2, 30.0))
+        if latest is None:
+            return self._forget(task_id)
+        state.doc = latest
+        self._decide(task_id, state)
 
     def _unhold(self, task_id: str, state: TaskState) -> None:
         if state.local in (Local.HELD, Local.COMMITTED):
@@ -371,7 +561,12 @@ class Worker:
         CouchDB answers such a stale write with 409; PouchDB Server runs
         validate_doc_update first and may answer 403, so both are checked the same way.
         """
-        latest = newer if newer and _is_newer(newer, written) else self.db.get(task_id)
+        try:
+            latest = newer if newer and _is_newer(newer, written) else self.db.get(task_id)
+        except CouchError as exc:
+            log.warning("task %s: could not re-read it (%s); retrying", task_id, exc)
+            self._recheck_later(task_id)
+            return None
         if latest is not None and latest["_rev"] != written["_rev"]:
             log.info("task %s changed under us (%s); deciding again", task_id, row.get("error"))
             return latest

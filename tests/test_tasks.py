@@ -100,7 +100,9 @@ def test_running_counts_attempts() -> None:
 def test_an_outcome_records_times_and_result_or_error() -> None:
     started = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
     finished = started + timedelta(milliseconds=12.5)
-    ok = tasks.outcome_update(doc("running", ME), tasks.outcome_fields(started, finished, result=[1]))
+    ok = tasks.outcome_update(
+        doc("running", ME), tasks.outcome_fields(started, finished, result=[1])
+    )
     assert ok["status"] == "done"
     assert ok["result"] == [1]
     assert ok["duration_ms"] == 12.5

@@ -92,8 +92,11 @@ def recording_jobs(tmp_path: Path) -> tuple[Path, Path]:
     """A jobs directory with `record(value)`, which appends value to a file, in run order."""
     jobs, runs = tmp_path / "jobs", tmp_path / "runs.txt"
     jobs.mkdir()
-    code = f"def run(value):\n    with open({str(runs)!r}, 'a') as f:\n        f.write(f'{{value}}\\n')\n"
-    (jobs / "record.py").write_text(code)
+    (jobs / "record.py").write_text(
+        "def run(value):\n"
+        f"    with open({str(runs)!r}, 'a') as f:\n"
+        "        f.write(f'{value}\\n')\n"
+    )
     return jobs, runs
 
 

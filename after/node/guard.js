@@ -28,7 +28,9 @@
  *     (404) unless the request is from a logged-in server admin, before and
  *     after every URL rewrite (cluster-rewrite strips `/_node/node1@127.0.0.1`
  *     after authorisation ran, which made `/_config` public); admin-only
- *     paths (`/_config`, `/_log`, ...) are checked again after the rewrites.
+ *     paths (`/_config`, `/_log`, ...) are checked again after the rewrites;
+ *     `GET /_log` with a `bytes`/`offset` that is not a non-negative integer
+ *     (it threw inside fs.createReadStream: process exit) is refused with 400.
  *
  * It refuses to start (exit 78) unless pouchdb-server and express-pouchdb are
  * the pinned version and the patched files are byte for byte the ones these
@@ -66,6 +68,10 @@ var EXPECTED_SHA256 = {
     'b6dc1535caa22537a05b0292ae993de730fff106ebac9c25c94a8af5ba948e97',
   'express-pouchdb/lib/routes/cluster-rewrite.js':
     'd25d5284826f9facd477ac5da8fe587a055a7cfde072b0a06ae93463b6325d8e',
+  'express-pouchdb/lib/routes/log.js':
+    'd3d414018699cb130ec690311579723c770f47d0d1594bc4953a26c9b81f2b5d',
+  'express-pouchdb/lib/logging-infrastructure.js':
+    '9fdc59fb97bce4f665aacf9ff094349658064cc0a4700ac8ab0cd0650f3b28c8',
   'express-pouchdb/lib/routes/root.js':
     '3df30184fbce4ebadc12291ff7038b58eaea998c3e7c4d0b8e7528262ffbac76',
   'pouchdb-changeslike-wrapper/lib/index.js':
@@ -421,7 +427,22 @@ beforeRoutes('authorization', function (app) {
 // ... and again once vhosts, cluster-rewrite and rewrites are done
 beforeRoutes('root', function (app) {
   app.use(guardSpecialPaths);
+  app.get('/_log', checkLogParameters);
 });
+
+// `GET /_log?bytes=abc` (or a negative or fractional number) reached
+// fs.createReadStream as NaN and threw outside any handler: process exit.
+function checkLogParameters(req, res, next) {
+  var bad = ['bytes', 'offset'].filter(function (name) {
+    var value = req.query[name];
+    return typeof value !== 'undefined' && !(Number.isSafeInteger(value) && value >= 0);
+  });
+  if (bad.length) {
+    return sendError(res, 400, 'bad_request',
+                     '`' + bad[0] + '` must be a non-negative integer');
+  }
+  next();
+}
 
 // --- PUT /db by a non-admin: refuse before routes/db.js crashes --------------
 

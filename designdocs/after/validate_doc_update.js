@@ -15,6 +15,34 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     return doc.type === undefined || doc.type === 'task';
   }
 
+  function isRecord(doc) {
+    return doc.type === 'worker';
+  }
+
+  function hasRole(role) {
+    var roles = userCtx.roles || [];
+    return roles.indexOf('_admin') >= 0 || roles.indexOf(rules.roles[role]) >= 0;
+  }
+
+  // A worker record: one per worker instance, renewed on a heartbeat (after/records.py).
+  function checkRecord(doc) {
+    if (!hasRole('worker')) {
+      refuse('type: only workers (role ' + rules.roles.worker + ') may write worker records');
+    }
+    if (typeof doc.name !== 'string' || !new RegExp(rules.patterns.worker).test(doc.name)) {
+      refuse('name: a worker record needs the worker name');
+    }
+    if (typeof doc.instance !== 'string' || doc.instance.indexOf(doc.name + '@') !== 0) {
+      refuse('instance: a worker record needs an instance id starting with "' + doc.name + '@"');
+    }
+    if (doc._id !== rules.record_prefix + doc.instance) {
+      refuse('_id: a worker record is stored as "' + rules.record_prefix + '<instance>"');
+    }
+    if (doc.lease_until !== undefined) {
+      checkDate('lease_until', doc.lease_until);
+    }
+  }
+
   function isObject(value) {
     return typeof value === 'object' && value !== null && !Array.isArray(value);
   }
@@ -88,6 +116,9 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
   }
 
   if (newDoc._deleted) {
+    if (oldDoc && isRecord(oldDoc) && !hasRole('worker')) {
+      refuse('type: only workers (role ' + rules.roles.worker + ') may delete worker records');
+    }
     if (oldDoc && isTask(oldDoc) && knownStatus(oldDoc) && rules.deletable.indexOf(oldDoc.status) < 0) {
       refuse('status: a ' + oldDoc.status + ' task cannot be deleted; set status to "cancel" to stop it ' +
              '(only ' + rules.deletable.join(', ') + ' tasks may be deleted)');
@@ -95,8 +126,15 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     return;
   }
 
+  if (isRecord(newDoc)) {
+    if (oldDoc && !oldDoc._deleted && !isRecord(oldDoc)) {
+      refuse('type: a ' + (oldDoc.type || 'task') + ' document cannot become a worker record');
+    }
+    checkRecord(newDoc);
+    return;
+  }
   if (!isTask(newDoc)) {
-    refuse('type: unknown document type ' + JSON.stringify(newDoc.type) + ' (tasks have no type or type "task")');
+    refuse('type: unknown document type ' + JSON.stringify(newDoc.type) + ' (tasks have no type or type "task"; worker records are written by workers)');
   }
   if (oldDoc && !oldDoc._deleted && !isTask(oldDoc)) {
     refuse('type: a ' + oldDoc.type + ' document cannot become a task');

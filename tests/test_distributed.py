@@ -1,0 +1,228 @@
+"""Many instances of one worker name: records, leases, takeover, the horizon, outages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, new_task, wait_for
+from test_worker import create, in_seconds, recording_jobs, wait_status
+
+from after import embedded, records
+from after.config import Config
+from after.couch import Database, Forbidden, Server
+from after.push import push
+from after.tasks import parse_date
+from after.worker import Worker
+
+FAST = {"heartbeat": 0.3, "lease": 1.5}
+
+
+@pytest.fixture
+def start_worker(config: Config) -> Iterator[Callable[..., Worker]]:
+    running: list[tuple[Worker, threading.Thread]] = []
+
+    def start(name: str = "manobi", config_: Config | None = None, **options: Any) -> Worker:
+        jobs = options.pop("jobs", None)
+        base = config_ or config
+        worker = Worker(base.override(jobs=jobs) if jobs else base, name, **{**FAST, **options})
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        assert worker.ready.wait(15), "the worker did not start"
+        running.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, thread in running:
+        worker.stop()
+        thread.join(15)
+
+
+@pytest.fixture
+def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Worker processes through the real CLI, killed at the end."""
+    processes: list[subprocess.Popen] = []
+
+    def spawn_worker(
+        name: str = "manobi", jobs: Path | None = None, home: str = "a"
+    ) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            "AFTER_COUCHDB_URL": config.couchdb_url,
+            "AFTER_DB": config.db,
+            "AFTER_HOME": str(tmp_path / home),
+        }
+        if config.user:
+            env.update(AFTER_COUCHDB_USER=config.user, AFTER_COUCHDB_PASSWORD=config.password or "")
+        jobs_dir = str(jobs or REPO / "jobs")
+        command = [sys.executable, "-m", "after", "start", name, "--foreground", "--jobs", jobs_dir]
+        command += ["--heartbeat", "0.3", "--lease", "1.5"]
+        log = tmp_path / f"{home}.log"
+        with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the worker
+            process = subprocess.Popen(command, env=env, stderr=output, cwd=REPO)
+        processes.append(process)
+        state = tmp_path / home / "workers" / f"{name}.json"
+        wait_for(lambda: state.exists() or process.poll() is not None, timeout=20)
+        assert process.poll() is None, log.read_text()
+        return process
+
+    yield spawn_worker
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def worker_records(db: Database, name: str = "manobi") -> list[dict[str, Any]]:
+    return [r["doc"] for r in db.all_docs(include_docs=True, **records.name_range(name))["rows"]]
+
+
+def test_each_instance_keeps_a_record_with_a_lease(db: Database, start_worker) -> None:
+    worker = start_worker()
+    record = wait_for(lambda: (r := db.get(records.record_id(worker.instance))) and r)
+    assert record["type"] == "worker"
+    assert record["name"] == "manobi"
+    assert record["pid"] == os.getpid()
+    assert parse_date(record["lease_until"]) > datetime.now(UTC)
+    first_seen = record["last_seen"]
+    wait_for(lambda: db.get(records.record_id(worker.instance))["last_seen"] != first_seen)
+    worker.stop()
+    wait_for(lambda: db.get(records.record_id(worker.instance))["state"] == "stopped")
+
+
+def test_a_worker_record_must_name_its_instance(db: Database) -> None:
+    record = {"_id": "after-worker:someone-else", "type": "worker", "name": "manobi",
+              "instance": "manobi@host:1:abc"}  # fmt: skip
+    with pytest.raises(Forbidden) as refused:
+        db.put(record)
+    assert refused.value.reason.startswith("_id:")
+    with pytest.raises(Forbidden) as refused:
+        db.put({**record, "_id": "after-worker:manobi@host:1:abc", "instance": "other@host"})
+    assert refused.value.reason.startswith("instance:")
+
+
+def test_two_live_instances_run_each_task_exactly_once(
+    db: Database, start_worker, tmp_path: Path
+) -> None:
+    jobs, runs = recording_jobs(tmp_path)
+    first = start_worker(jobs=jobs)
+    second = start_worker(jobs=jobs)
+    ids = [create(db, date=in_seconds(0.5), job={"name": "record", "arguments": [n]})
+           for n in range(60)]  # fmt: skip
+    docs = [wait_status(db, task_id, "done", timeout=30) for task_id in ids]
+    assert sorted(int(line) for line in runs.read_text().split()) == list(range(60))
+    assert {d["owner"] for d in docs} <= {first.instance, second.instance}
+
+
+def test_a_live_instance_keeps_its_tasks(db: Database, start_worker) -> None:
+    holder = start_worker()
+    task_id = create(db, date=in_seconds(3))
+    assert wait_status(db, task_id, "scheduled")["owner"] == holder.instance
+    start_worker()  # a second instance of the same name, alive and well
+    doc = wait_status(db, task_id, "done", timeout=15)
+    assert doc["owner"] == holder.instance
+    assert "takeovers" not in doc
+
+
+def test_tasks_of_a_killed_instance_are_taken_over_after_its_lease(
+    db: Database, start_worker, spawn
+) -> None:
+    victim = spawn()
+    task_id = create(db, date=in_seconds(4))
+    held = wait_status(db, task_id, "scheduled")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    survivor = start_worker()
+    doc = wait_status(db, task_id, "done", timeout=20)
+    assert doc["owner"] == survivor.instance
+    assert doc["takeovers"][-1]["from"] == held["owner"]
+    dead_record = db.get(records.record_id(held["owner"]))
+    assert dead_record["state"] == "lost"
+    assert dead_record["reaped_by"] == survivor.instance
+
+
+def test_a_job_running_on_a_killed_instance_is_not_silently_rerun(
+    db: Database, start_worker, spawn
+) -> None:
+    victim = spawn()
+    task_id = create(db, job={"name": "sleep", "arguments": [30]})
+    running = wait_status(db, task_id, "running")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    start_worker()
+    doc = wait_status(db, task_id, "err", timeout=20)
+    assert doc["error"]["type"] == "WorkerLost"
+    assert running["owner"] in doc["error"]["message"]
+    assert doc["takeovers"][-1] == {
+        **doc["takeovers"][-1],
+        "from": running["owner"],
+        "status": "running",
+    }
+    assert doc["attempt"] == 1
+
+
+def test_tasks_beyond_the_horizon_stay_in_the_database(db: Database, start_worker) -> None:
+    worker = start_worker(horizon=2.0)
+    later = create(db, date=in_seconds(4))
+    far = create(db, date=in_seconds(3600))
+    soon = create(db, date=in_seconds(0.5))
+    wait_status(db, soon, "done")
+    assert db.get(later)["status"] == "waiting"
+    assert far not in worker.states
+    doc = wait_status(db, later, "done", timeout=10)  # claimed once the horizon reached it
+    lateness = parse_date(doc["started_at"]) - parse_date(doc["date"])
+    assert timedelta(0) <= lateness < timedelta(milliseconds=50)
+    assert db.get(far)["status"] == "waiting"
+
+
+def test_a_reschedule_beyond_the_horizon_releases_the_task(db: Database, start_worker) -> None:
+    start_worker(horizon=5.0)
+    task_id = create(db, date=in_seconds(2))
+    doc = wait_status(db, task_id, "scheduled")
+    db.put({**doc, "status": "reschedule", "date": in_seconds(3600)})
+    doc = wait_status(db, task_id, "waiting")
+    assert "owner" not in doc
+
+
+def test_start_up_reads_only_the_due_window(db: Database, start_worker) -> None:
+    future = [
+        new_task(date=(datetime.now(UTC) + timedelta(days=d)).isoformat()) for d in range(1, 301)
+    ]
+    db.bulk_docs(future)
+    due = create(db, date="2020-01-01")
+    worker = start_worker(horizon=60.0)
+    wait_status(db, due, "done")
+    assert len(worker.states) <= 1
+
+
+def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> None:
+    """The server goes away and comes back on the same data: the worker converges."""
+    port = embedded.free_port()
+    url = f"http://127.0.0.1:{port}/"
+    data = tmp_path / "couch"
+    process = embedded.start(port, data, data / "log.txt")
+    try:
+        embedded.wait_healthy(url, 60, process)
+        db = Server(url).database("outage")
+        push(db)
+        config = Config.from_env({}).override(couchdb_url=url, db="outage", jobs=REPO / "jobs",
+                                             home=tmp_path / "home")  # fmt: skip
+        start_worker(config_=config)
+        before = create(db)
+        wait_status(db, before, "done")
+        embedded.stop(process)
+        process = embedded.start(port, data, data / "log.txt")
+        embedded.wait_healthy(url, 60, process)
+        after_restart = create(db, date=in_seconds(1))
+        doc = wait_status(db, after_restart, "done", timeout=40)
+        assert doc["attempt"] == 1
+    finally:
+        embedded.stop(process)
