@@ -199,6 +199,33 @@ def _cap(text: str) -> str:
     return text[:MAX_TEXT] + f"... [cut: {len(text) - MAX_TEXT} more characters]"
 
 
+def resolve_conflict(winner: Doc, losers: list[Doc], at: datetime) -> list[Doc]:
+    """Resolve a conflict deterministically: the revision CouchDB chose as winner
+    (the same on every node) stays, each losing revision is deleted, and what the
+    losers were doing is recorded on the winner, so a duplicate claim or run is visible.
+
+    Conflicts arise only between replicated nodes or in a partitioned cluster,
+    where two writes based on the same revision can both be accepted.
+    """
+    seen = [
+        {
+            "rev": loser["_rev"],
+            "status": loser.get("status"),
+            "owner": loser.get("owner"),
+            "attempt": loser.get("attempt"),
+            "resolved_at": iso(at),
+        }
+        for loser in losers
+    ]
+    kept = {k: v for k, v in winner.items() if k != "_conflicts"}
+    updated = _update(kept, conflicts_resolved=[*winner.get("conflicts_resolved", []), *seen][-20:])
+    deletions = [
+        {"_id": loser["_id"], "_rev": loser["_rev"], "_deleted": True, "resolves_conflict": True}
+        for loser in losers
+    ]
+    return [updated, *deletions]
+
+
 def rev_number(rev: str | None) -> int:
     """The generation of a revision ("3-abc" -> 3); 0 for none."""
     return int(rev.split("-", 1)[0]) if rev else 0

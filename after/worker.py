@@ -244,6 +244,7 @@ class Worker:
             "by_worker",
             page_size=self.page_size,
             include_docs=True,
+            conflicts=True,
             startkey=[self.name, status],
             endkey=[self.name, status, until],
         )
@@ -402,6 +403,7 @@ class Worker:
                     since,
                     stop=self.stopping,
                     include_docs=True,
+                    conflicts=True,
                     filter=f"{DDOC}/worker",
                     worker=self.name,
                 )
@@ -434,7 +436,29 @@ class Worker:
             state.newer = doc
             return
         state.doc = doc
+        if doc.get("_conflicts"):
+            return self._resolve_conflict(task_id, state)
         self._decide(task_id, state)
+
+    def _resolve_conflict(self, task_id: str, state: TaskState) -> None:
+        """Two writes both landed (replicated nodes, a partitioned cluster): keep
+        CouchDB's winner, delete the losers, record them on the task, decide again."""
+        winner = state.doc
+        try:
+            losers = [self.db.get(task_id, rev=rev) for rev in winner["_conflicts"]]
+        except CouchError as exc:
+            log.warning("task %s: could not read its conflicting revisions (%s)", task_id, exc)
+            return self._recheck_later(task_id)
+        found = [loser for loser in losers if loser is not None]
+        log.warning(
+            "task %s has %d conflicting revision(s) %s; keeping %s",
+            task_id, len(found), [(d.get("owner"), d.get("status")) for d in found], winner["_rev"],
+        )  # fmt: skip
+        updated, *deletions = tasks.resolve_conflict(winner, found, tasks.now())
+        for deletion in deletions:
+            self.writer.write(deletion, lambda row: None)
+        state.doc = {**winner, "_conflicts": []}
+        self._write(task_id, updated)
 
     def _decide(self, task_id: str, state: TaskState) -> None:
         doc = state.doc
@@ -578,23 +602,23 @@ class Worker:
 
     def _after_write(self, task_id: str, state: TaskState) -> None:
         status = state.doc["status"]
-        if status == "scheduled":
-            self._decide(task_id, state)  # -> HOLD
-        elif status == "running":
+        if status == "running" and state.local is Local.HELD:  # our commit landed
             state.local = Local.COMMITTED
             due = tasks.parse_date(state.doc["date"])
             self.timer.schedule(
                 due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id
             )
-        elif status in ("done", "err", "canceled", "waiting"):
+        elif status in ("done", "err", "canceled"):
             if status == "done":
                 self.stats.done += 1
             elif status == "err":
                 self.stats.failed += 1
-            elif status == "canceled":
+            else:
                 self.stats.canceled += 1
             log.info("task %s %s", task_id, status)
             self._forget(task_id)
+        else:  # a claim (-> HOLD), a hand-back, a conflict resolution: act on what it is now
+            self._decide(task_id, state)
 
     # -- running -------------------------------------------------------------------
     def _commit(self, task_id: str) -> None:

@@ -226,3 +226,40 @@ def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> 
         assert doc["attempt"] == 1
     finally:
         embedded.stop(process)
+
+
+def test_conflicting_claims_are_resolved_and_recorded(
+    server: Server, db_name: str, config: Config, start_worker
+) -> None:
+    """As after a partition: two instances' claims both landed, as conflicting revisions.
+
+    The conflict is made (by a replication-style write, new_edits=false) before the
+    design document is deployed, because PouchDB Server drops such writes once a
+    validate_doc_update exists; Apache CouchDB accepts them.
+    """
+    db = server.database(db_name + "-conflict")
+    db.create()
+    try:
+        task_id, _ = db.post(new_task(date=in_seconds(1)))
+        original = db.get(task_id)
+        db.put({**original, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"})
+        generation, parent = original["_rev"].split("-")
+        other = {
+            **original,
+            "_rev": f"{int(generation) + 1}-{'f' * 32}",
+            "_revisions": {"start": int(generation) + 1, "ids": ["f" * 32, parent]},
+            "status": "scheduled",
+            "owner": "manobi@node-b:1:bbbb",
+        }
+        db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [other], "new_edits": False})
+        assert db.get(task_id, conflicts=True).get("_conflicts"), "the test needs a real conflict"
+        push(db)
+        start_worker(config_=config.override(db=db.name))
+        doc = wait_status(db, task_id, "done", timeout=20)
+        assert len(doc["conflicts_resolved"]) == 1
+        loser = doc["conflicts_resolved"][0]
+        assert loser["owner"] in {"manobi@node-a:1:aaaa", "manobi@node-b:1:bbbb"}
+        assert loser["status"] == "scheduled"
+        assert not db.get(task_id, conflicts=True).get("_conflicts")
+    finally:
+        db.delete()

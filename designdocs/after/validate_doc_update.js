@@ -119,6 +119,9 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     if (oldDoc && isRecord(oldDoc) && !hasRole('worker')) {
       refuse('type: only workers (role ' + rules.roles.worker + ') may delete worker records');
     }
+    if (newDoc.resolves_conflict === true && hasRole('worker')) {
+      return;  // a worker deletes the losing revision of a conflict (after/tasks.py resolve_conflict)
+    }
     if (oldDoc && isTask(oldDoc) && knownStatus(oldDoc) && rules.deletable.indexOf(oldDoc.status) < 0) {
       refuse('status: a ' + oldDoc.status + ' task cannot be deleted; set status to "cancel" to stop it ' +
              '(only ' + rules.deletable.join(', ') + ' tasks may be deleted)');
