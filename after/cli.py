@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from after import __version__, embedded, records
 from after.config import Config
-from after.couch import CouchError, Server
+from after.couch import CouchError, NotFound, Server
 from after.tasks import parse_date
 
 console = Console()
@@ -163,10 +162,10 @@ def start(
     foreground: bool,
 ) -> None:
     """Start a worker with the given NAME (in the background unless --foreground)."""
-    from after.tasks import RULES
+    from after.tasks import worker_name_problem
 
-    if not re.match(RULES["patterns"]["worker"], name):
-        fail(f"worker name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.' (not first)")
+    if problem := worker_name_problem(name):
+        fail(problem)
     config = load_config(couchdb_url, db, jobs)
     if not config.jobs.is_dir():
         fail(f"jobs directory {config.jobs.resolve()} does not exist (set --jobs or AFTER_JOBS)")
@@ -443,7 +442,10 @@ def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
     """Task counts by status and by worker."""
     config = load_config(couchdb_url, db)
     database = Server.from_config(config).database(config.db)
-    rows = database.view("after", "by_worker", group_level=2)["rows"]
+    try:
+        rows = database.view("after", "by_worker", group_level=2)["rows"]
+    except NotFound:
+        fail(f"database {config.db} has no _design/after at {config.display_url}: run `after push`")
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
         worker, task_status = row["key"]

@@ -8,6 +8,8 @@ document a step writes. No I/O here, so every decision is easy to test.
 
 from __future__ import annotations
 
+import json
+import re
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -87,6 +89,28 @@ def next_step(
     if status == "cancel":
         return Step.CANCEL_AFTER_RUN if local is Local.RUNNING else Step.CANCEL
     return Step.FORGET  # done, err, canceled
+
+
+def worker_name_problem(name: str) -> str | None:
+    """Why a worker name cannot be used, or None; the same rules as validate_doc_update."""
+    if not re.fullmatch(RULES["patterns"]["worker"], name):
+        return f"worker name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.' (not first)"
+    try:
+        value = json.loads(name)
+    except ValueError:
+        return None
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        shown = str(int(value))
+    else:
+        shown = str(value)
+    if shown != name:
+        return (
+            f"worker name {name!r} is read as {shown} in a query string (?worker=...); "
+            "write it that way or choose a name that is not a number"
+        )
+    return None
 
 
 # -- dates ----------------------------------------------------------------------

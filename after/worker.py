@@ -36,7 +36,7 @@ from typing import Any
 
 from after import records, tasks
 from after.config import Config
-from after.couch import Conflict, CouchError, Database, Server, Unreachable
+from after.couch import Conflict, CouchError, Database, NotFound, Server, Unreachable
 from after.jobs import JobContext, JobLoader, run_job
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step
@@ -190,7 +190,11 @@ class Worker:
         self._write_state_file(force=True)
         try:
             while True:
-                action = self.control.get()
+                try:
+                    action = self.control.get(timeout=1.0)
+                except queue.Empty:
+                    self._write_state_file()  # what the last burst of events changed
+                    continue
                 if action is None:
                     break
                 try:
@@ -213,13 +217,14 @@ class Worker:
 
     def _check_database(self) -> Any:
         """Fail fast with a clear error; return the sequence to follow changes from."""
-        info = self.db.info()
-        if self.db.get(f"_design/{DDOC}") is None:
+        try:
+            info = self.db.info()
+        except NotFound:
+            info = None
+        if info is None or self.db.get(f"_design/{DDOC}") is None:
+            missing = "does not exist" if info is None else f"has no _design/{DDOC}"
             raise CouchError(
-                404,
-                "not_found",
-                f"the design document _design/{DDOC} is missing: run `after push`",
-                f"database {self.db.name}",
+                404, "not_found", f"{missing}: run `after push`", f"database {self.db.name}"
             )
         return info["update_seq"]
 

@@ -435,11 +435,14 @@ def test_a_slow_callback_on_the_executor_does_not_delay_the_next(recorder: Recor
 def test_context_manager_starts_and_stops() -> None:
     s = Scheduler()
     assert not s.running
+    before = set(threading.enumerate())
     with s as entered:
         assert entered is s
         assert s.running
+        timer_threads = set(threading.enumerate()) - before
+        assert [t.name for t in timer_threads] == ["after-scheduler"]
     assert not s.running
-    assert not any(t.name == "after-scheduler" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.is_alive() for t in timer_threads)
 
 
 def test_stop_does_not_fire_pending_entries_and_start_resumes_them(recorder: Recorder) -> None:

@@ -87,6 +87,107 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     return rules.statuses.indexOf(doc.status) >= 0;
   }
 
+  function checkDuration(field, value) {
+    if (typeof value !== 'string' || !new RegExp(rules.patterns.duration).test(value)) {
+      refuse(field + ': must be an ISO 8601 duration such as "PT30S", "PT1H" or "P1D" (got ' +
+             JSON.stringify(value) + ')');
+    }
+  }
+
+  function checkOnly(field, value, allowed) {
+    for (var key in value) {
+      if (value.hasOwnProperty(key) && allowed.indexOf(key) < 0) {
+        refuse(field + '.' + key + ': unknown field (allowed: ' + allowed.join(', ') + ')');
+      }
+    }
+  }
+
+  function isCount(value, min, max) {
+    return typeof value === 'number' && value % 1 === 0 && value >= min && value <= max;
+  }
+
+  // The optional scheduling fields: their shape here, their full meaning in the
+  // worker (after/recurrence.py, after/retry.py), which puts a task it cannot
+  // schedule into err with the reason.
+  function checkSchedule(doc) {
+    var repeat = doc.repeat, misfire = doc.misfire, retry = doc.retry;
+    if (repeat !== undefined) {
+      if (!isObject(repeat)) {
+        refuse('repeat: must be an object such as {"cron": "*/5 * * * *"} or {"interval": "PT1H"}');
+      }
+      checkOnly('repeat', repeat, ['cron', 'interval', 'timezone', 'limit', 'until']);
+      if ((repeat.cron === undefined) === (repeat.interval === undefined)) {
+        refuse('repeat: needs exactly one of cron or interval');
+      }
+      if (repeat.cron !== undefined) {
+        var fields = typeof repeat.cron === 'string' ? repeat.cron.trim().split(/\s+/) : [];
+        if (fields.length < 5 || fields.length > 6) {
+          refuse('repeat.cron: must be a cron expression of 5 fields (minute hour day month weekday) ' +
+                 'or 6 (with seconds), got ' + JSON.stringify(repeat.cron));
+        }
+        for (var i = 0; i < fields.length; i++) {
+          if (!new RegExp(rules.patterns.cron_field).test(fields[i])) {
+            refuse('repeat.cron: field ' + (i + 1) + ' ' + JSON.stringify(fields[i]) + ' has characters a cron field cannot have');
+          }
+        }
+      }
+      if (repeat.interval !== undefined) {
+        checkDuration('repeat.interval', repeat.interval);
+      }
+      if (repeat.timezone !== undefined &&
+          (typeof repeat.timezone !== 'string' || !new RegExp(rules.patterns.timezone).test(repeat.timezone))) {
+        refuse('repeat.timezone: must be an IANA time zone name such as "Europe/Paris" (got ' +
+               JSON.stringify(repeat.timezone) + ')');
+      }
+      if (repeat.limit !== undefined && !isCount(repeat.limit, 1, 1e9)) {
+        refuse('repeat.limit: must be a whole number of runs, at least 1');
+      }
+      if (repeat.until !== undefined) {
+        checkDate('repeat.until', repeat.until);
+      }
+    }
+    if (misfire !== undefined) {
+      var policy = isObject(misfire) ? misfire.policy : misfire;
+      if (isObject(misfire)) {
+        checkOnly('misfire', misfire, ['policy', 'grace']);
+        if (misfire.grace !== undefined) {
+          checkDuration('misfire.grace', misfire.grace);
+        }
+      }
+      if (rules.misfire_policies.indexOf(policy) < 0) {
+        refuse('misfire: must be one of ' + rules.misfire_policies.join(', ') +
+               ' or {"policy": ..., "grace": "PT30S"} (got ' + JSON.stringify(misfire) + ')');
+      }
+    }
+    if (doc.overlap !== undefined && rules.overlap_policies.indexOf(doc.overlap) < 0) {
+      refuse('overlap: must be one of ' + rules.overlap_policies.join(', '));
+    }
+    if (retry !== undefined) {
+      if (!isObject(retry)) {
+        refuse('retry: must be an object such as {"limit": 3, "delay": "PT30S"}');
+      }
+      checkOnly('retry', retry, ['limit', 'delay', 'backoff', 'max_delay', 'jitter']);
+      if (!isCount(retry.limit, 0, 1000)) {
+        refuse('retry.limit: must be a whole number of retries from 0 to 1000');
+      }
+      if (retry.delay !== undefined) {
+        checkDuration('retry.delay', retry.delay);
+      }
+      if (retry.max_delay !== undefined) {
+        checkDuration('retry.max_delay', retry.max_delay);
+      }
+      if (retry.backoff !== undefined && (typeof retry.backoff !== 'number' || !(retry.backoff >= 1))) {
+        refuse('retry.backoff: must be a number of at least 1');
+      }
+      if (retry.jitter !== undefined && typeof retry.jitter !== 'boolean') {
+        refuse('retry.jitter: must be true or false');
+      }
+    }
+    if (doc.timeout !== undefined) {
+      checkDuration('timeout', doc.timeout);
+    }
+  }
+
   function checkTask(doc) {
     if (typeof doc.worker !== 'string' || !new RegExp(rules.patterns.worker).test(doc.worker)) {
       refuse('worker: must be a worker name of 1 to 64 letters, digits, "_", "-" or "." (not first)');
@@ -106,6 +207,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     if (doc.job.arguments !== undefined && !Array.isArray(doc.job.arguments)) {
       refuse('job.arguments: must be a JSON array of positional arguments');
     }
+    checkSchedule(doc);
     if (rules.statuses.indexOf(doc.status) < 0) {
       refuse('status: must be one of ' + rules.statuses.join(', ') + ' (got ' + JSON.stringify(doc.status) + ')');
     }
