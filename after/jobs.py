@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -33,7 +34,9 @@ import logging
 import os
 import re
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -420,6 +423,64 @@ def run_job(
     return result
 
 
+class JobTimeout(JobError):
+    """The job ran longer than its task's timeout and was stopped."""
+
+
+class JobFailed(JobError):
+    """A job run in a child process raised: its type, message and traceback, as text."""
+
+    def __init__(self, error: dict[str, str]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error
+
+
+def run_job_in_process(
+    jobs_dir: Path,
+    name: str,
+    arguments: Sequence[Any],
+    context: JobContext,
+    timeout: float | None,
+    started: Callable[[subprocess.Popen], None] = lambda process: None,
+) -> Any:
+    """Run a job in a child process (after.jobrunner) and kill it after `timeout` seconds.
+
+    `started(process)` lets the caller keep the process, to stop it on a cancel.
+    Only the last 4 KB of what the job printed is kept (for the error message).
+    """
+    request = json.dumps(
+        {
+            "jobs": str(jobs_dir),
+            "name": name,
+            "arguments": list(arguments),
+            "context": dataclasses.asdict(context),
+        }
+    )
+    with tempfile.TemporaryFile() as printed:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "after.jobrunner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=printed,
+        )
+        started(process)
+        try:
+            output, _ = process.communicate(request.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            message = f"timeout: job {name!r} ran longer than {timeout:g} s and was stopped"
+            raise JobTimeout(message) from None
+        if not output.strip():
+            printed.seek(max(0, printed.seek(0, 2) - 4096))
+            tail = printed.read().decode(errors="replace")
+            raise JobError(f"job {name!r} stopped (exit code {process.returncode}): {tail[-2000:]}")
+    reply = json.loads(output.decode().strip().splitlines()[-1])
+    if "error" in reply:
+        raise JobFailed(reply["error"])
+    return reply["result"]
+
+
 __all__ = [
     "JOB_NAME",
     "NAME_RULE",
@@ -427,10 +488,13 @@ __all__ = [
     "InvalidJobName",
     "JobContext",
     "JobError",
+    "JobFailed",
     "JobLoader",
+    "JobTimeout",
     "UnknownJob",
     "accepts_context",
     "check_name",
     "job_name_of",
     "run_job",
+    "run_job_in_process",
 ]

@@ -116,12 +116,13 @@ arithmetic from its ``Duration``; time zones from ``zoneinfo`` and ``tzdata``.
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
-from itertools import islice
+from itertools import chain, count, islice
 from typing import Final, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -165,6 +166,7 @@ COUNT_CAP: Final = 10_000
 (counting means walking the occurrences); counts of interval schedules are always exact."""
 
 _TICK: Final = timedelta(microseconds=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _POLICIES: Final = ("skip", "once", "all")
 _OVERLAPS: Final = ("skip", "allow")
 _REPEAT_FIELDS: Final = ("cron", "interval", "timezone", "limit", "until")
@@ -325,9 +327,24 @@ class Repeat:
         if (self.cron is None) == (self.interval is None):
             raise RepeatError("repeat: needs exactly one of cron or interval")
         if self.cron is not None:
+            if not isinstance(self.cron, str) or not self.cron.strip():
+                raise RepeatError(
+                    "repeat.cron: expected a cron expression such as '*/5 * * * *', "
+                    f"got {_show(self.cron)}"
+                )
             _compile_cron(self.cron)
         if self.interval is not None:
+            if not isinstance(self.interval, str):
+                raise RepeatError(
+                    "repeat.interval: expected an ISO 8601 duration such as 'PT1H', "
+                    f"got {_show(self.interval)}"
+                )
             _compile_interval(self.interval)
+        if not isinstance(self.timezone, str) or not self.timezone:
+            raise RepeatError(
+                "repeat.timezone: expected an IANA name such as 'Europe/Paris', "
+                f"got {_show(self.timezone)}"
+            )
         _zone(self.timezone)
         if self.limit is not None and (
             isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
@@ -348,8 +365,7 @@ def parse_date(value: object, field: str = "date") -> datetime:
     """
     if not isinstance(value, str) or not _DATE.match(value):
         raise RepeatError(
-            f"{field}: expected an ISO 8601 date such as '2026-12-01T09:30:00Z', "
-            f"got {_show(value)}"
+            f"{field}: expected an ISO 8601 date such as '2026-12-01T09:30:00Z', got {_show(value)}"
         )
     try:
         parsed = datetime.fromisoformat(value)
@@ -375,32 +391,13 @@ def parse_repeat(value: object) -> Repeat:
         )
     for key in value:
         if key not in _REPEAT_FIELDS:
-            raise RepeatError(
-                f"repeat: unknown field {key!r} (known: {', '.join(_REPEAT_FIELDS)})"
-            )
-    cron, interval = value.get("cron"), value.get("interval")
-    if (cron is None) == (interval is None):
-        raise RepeatError("repeat: needs exactly one of cron or interval")
-    if cron is not None and (not isinstance(cron, str) or not cron.strip()):
-        raise RepeatError(
-            f"repeat.cron: expected a cron expression such as '*/5 * * * *', got {_show(cron)}"
-        )
-    if interval is not None and not isinstance(interval, str):
-        raise RepeatError(
-            f"repeat.interval: expected an ISO 8601 duration such as 'PT1H', got {_show(interval)}"
-        )
+            raise RepeatError(f"repeat: unknown field {key!r} (known: {', '.join(_REPEAT_FIELDS)})")
     zone = value.get("timezone")
-    if zone is None:
-        zone = "UTC"
-    elif not isinstance(zone, str) or not zone:
-        raise RepeatError(
-            f"repeat.timezone: expected an IANA name such as 'Europe/Paris', got {_show(zone)}"
-        )
     until = value.get("until")
     return Repeat(
-        cron=cron,
-        interval=interval,
-        timezone=zone,
+        cron=value.get("cron"),
+        interval=value.get("interval"),
+        timezone="UTC" if zone is None else zone,
         limit=value.get("limit"),
         until=None if until is None else parse_date(until, "repeat.until"),
     )
@@ -438,41 +435,107 @@ def _gap_end(wall: datetime, zone: tzinfo) -> datetime:
 # -- the series of occurrences --------------------------------------------------
 
 
+def _instants(wall: datetime, zone: tzinfo) -> list[datetime]:
+    """Every real instant at which the local clock reads ``wall``: none in a
+    skipped hour, two in a repeated one, else one."""
+    found = []
+    for fold in (0, 1):
+        instant = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
+        if instant.astimezone(zone).replace(tzinfo=None) == wall and instant not in found:
+            found.append(instant)
+    return sorted(found)
+
+
+def _fold_length(wall: datetime, zone: tzinfo) -> timedelta:
+    """How long the local time ``wall`` repeats (zero when it happens once)."""
+    first = cast(timedelta, wall.replace(tzinfo=zone, fold=0).utcoffset())
+    second = cast(timedelta, wall.replace(tzinfo=zone, fold=1).utcoffset())
+    return max(first - second, timedelta(0))
+
+
 def _cron_forward(cron: _Cron, zone: tzinfo, after: datetime) -> Iterator[datetime]:
-    """Cron times strictly after ``after``, in order."""
-    if cron.wall_clock and zone is not UTC:
-        # A naive time at or before local(after) never lands after `after`.
-        last = after
-        for wall in CronSim(cron.expr6, after.astimezone(zone).replace(tzinfo=None)):
+    """Cron times strictly after ``after``, in order.
+
+    cronsim walks naive wall-clock times; we place each on the time line: the
+    first pass or the end of the gap for fixed-time schedules, every real instant
+    that reads that time for the others.
+    """
+    if zone is UTC:
+        for instant in CronSim(cron.expr6, after):
+            yield instant.astimezone(UTC)
+        return
+    local = after.astimezone(zone)
+    start = local.replace(tzinfo=None)
+    last = after
+    if cron.wall_clock:
+        # A wall time at or before local(after) never lands after `after`.
+        for wall in CronSim(cron.expr6, start):
             instant = _resolve(wall, zone)
             if instant > last:
                 yield instant
                 last = instant
-    else:
-        for local in CronSim(cron.expr6, after.astimezone(zone)):
-            yield local.astimezone(UTC)
+        return
+    if not local.fold:
+        # In the first pass of a repeated hour, earlier wall times still have
+        # their second pass ahead.
+        start -= _fold_length(start, zone)
+    pending: list[datetime] = []  # a heap: second passes come after later first passes
+    for wall in CronSim(cron.expr6, start):
+        instants = _instants(wall, zone)
+        if not instants:
+            continue
+        for instant in instants:
+            heapq.heappush(pending, instant)
+        # First passes grow with the wall time: nothing later can come before this one.
+        while pending and pending[0] <= instants[0]:
+            instant = heapq.heappop(pending)
+            if instant > last:
+                yield instant
+                last = instant
+    while pending:
+        instant = heapq.heappop(pending)
+        if instant > last:
+            yield instant
+            last = instant
 
 
 def _cron_backward(cron: _Cron, zone: tzinfo, before: datetime) -> Iterator[datetime]:
-    """Cron times strictly before ``before``, latest first."""
-    if cron.wall_clock and zone is not UTC:
-        local = before.astimezone(zone)
-        start = local.replace(tzinfo=None)
-        if local.fold:
-            # `before` is in the second pass of a repeated hour: naive times up to
-            # the end of that hour map to its first pass, i.e. before `before`.
-            start += cast(timedelta, local.replace(fold=0).utcoffset()) - cast(
-                timedelta, local.utcoffset()
-            )
-        last = before
+    """Cron times strictly before ``before``, latest first (the mirror of _cron_forward)."""
+    if zone is UTC:
+        for instant in CronSim(cron.expr6, before, reverse=True):
+            yield instant.astimezone(UTC)
+        return
+    local = before.astimezone(zone)
+    start = local.replace(tzinfo=None)
+    if local.fold:
+        # In the second pass of a repeated hour, later wall times still have
+        # their first pass behind.
+        start += _fold_length(start, zone)
+    last = before
+    if cron.wall_clock:
         for wall in CronSim(cron.expr6, start, reverse=True):
             instant = _resolve(wall, zone)
             if instant < last:
                 yield instant
                 last = instant
-    else:
-        for local in CronSim(cron.expr6, before.astimezone(zone), reverse=True):
-            yield local.astimezone(UTC)
+        return
+    pending: list[tuple[timedelta, datetime]] = []  # a max-heap keyed on -(instant - epoch)
+    for wall in CronSim(cron.expr6, start, reverse=True):
+        instants = _instants(wall, zone)
+        if not instants:
+            continue
+        for instant in instants:
+            heapq.heappush(pending, (_EPOCH - instant, instant))
+        while pending and pending[0][1] >= instants[-1]:
+            _, instant = heapq.heappop(pending)
+            if instant < last:
+                yield instant
+                last = instant
+    while pending:
+        _, instant = heapq.heappop(pending)
+        if instant < last:
+            yield instant
+            last = instant
 
 
 def _interval_at(span: Span, zone: tzinfo, anchor: datetime, k: int) -> datetime:
@@ -504,28 +567,25 @@ def _interval_index(span: Span, zone: tzinfo, anchor: datetime, t: datetime) -> 
     return k
 
 
-def _series(repeat: Repeat) -> tuple[tzinfo, _Cron | None, Span | None]:
+def _parts(repeat: Repeat) -> tuple[tzinfo, _Cron | Span]:
     zone = _zone(repeat.timezone)
     if repeat.cron is not None:
-        return zone, _compile_cron(repeat.cron), None
-    return zone, None, _compile_interval(cast(str, repeat.interval))
+        return zone, _compile_cron(repeat.cron)
+    return zone, _compile_interval(cast(str, repeat.interval))
 
 
 def _forward(repeat: Repeat, anchor: datetime, after: datetime) -> Iterator[datetime]:
     """Occurrences strictly after ``after``, in order, none after ``until``."""
-    zone, cron, span = _series(repeat)
+    zone, rule = _parts(repeat)
     source: Iterator[datetime]
     try:
-        if span is not None:
-            source = (
-                _interval_at(span, zone, anchor, k)
-                for k in _count_from(_interval_index(span, zone, anchor, after))
-            )
+        if isinstance(rule, Span):
+            start = _interval_index(rule, zone, anchor, after)
+            source = (_interval_at(rule, zone, anchor, k) for k in count(start))
+        elif after < anchor:
+            source = chain([anchor], _cron_forward(rule, zone, anchor))
         else:
-            if after < anchor:
-                source = _chain_first(anchor, _cron_forward(cron, zone, anchor))  # type: ignore[arg-type]
-            else:
-                source = _cron_forward(cron, zone, after)  # type: ignore[arg-type]
+            source = _cron_forward(rule, zone, after)
         last = after
         for occurrence in source:
             if repeat.until is not None and occurrence > repeat.until:
@@ -543,55 +603,42 @@ def _backward(repeat: Repeat, anchor: datetime, before: datetime) -> Iterator[da
         before = min(before, repeat.until + _TICK)
     if before <= anchor:
         return
-    zone, cron, span = _series(repeat)
-    if span is not None:
-        k = _interval_index(span, zone, anchor, before - _TICK) - 1
+    zone, rule = _parts(repeat)
+    if isinstance(rule, Span):
         last = before
-        while k >= 0:
-            occurrence = _interval_at(span, zone, anchor, k)
+        for k in range(_interval_index(rule, zone, anchor, before - _TICK) - 1, -1, -1):
+            occurrence = _interval_at(rule, zone, anchor, k)
             if occurrence < last:
                 yield occurrence
                 last = occurrence
-            k -= 1
         return
-    for occurrence in _cron_backward(cron, zone, before):  # type: ignore[arg-type]
+    for occurrence in _cron_backward(rule, zone, before):
         if occurrence <= anchor:
             break
         yield occurrence
     yield anchor
 
 
-def _count(repeat: Repeat, anchor: datetime, low: datetime, high: datetime) -> int:
-    """How many occurrences lie in (low, high]; cron counts saturate at COUNT_CAP."""
-    if high <= low:
-        return 0
+def _count(
+    repeat: Repeat, anchor: datetime, low: datetime, high: datetime, cap: int = COUNT_CAP
+) -> int:
+    """How many occurrences lie in (low, high]; cron counts saturate at ``cap``."""
     if repeat.until is not None:
         high = min(high, repeat.until)
-    zone, _, span = _series(repeat)
-    if span is not None:
-        try:
-            count = _interval_index(span, zone, anchor, high)
-            return max(0, count - _interval_index(span, zone, anchor, low))
-        except OverflowError:
-            pass
-    count = 0
+    if high <= low:
+        return 0
+    zone, rule = _parts(repeat)
+    if isinstance(rule, Span):
+        return max(
+            0,
+            _interval_index(rule, zone, anchor, high) - _interval_index(rule, zone, anchor, low),
+        )
+    found = 0
     for occurrence in _forward(repeat, anchor, low):
-        if occurrence > high or count >= COUNT_CAP:
+        if occurrence > high or found >= cap:
             break
-        count += 1
-    return count
-
-
-def _count_from(start: int) -> Iterator[int]:
-    k = start
-    while True:
-        yield k
-        k += 1
-
-
-def _chain_first(first: datetime, rest: Iterator[datetime]) -> Iterator[datetime]:
-    yield first
-    yield from rest
+        found += 1
+    return found
 
 
 def next_occurrence(repeat: Repeat, anchor: datetime, after: datetime) -> datetime | None:
@@ -642,7 +689,7 @@ class Misfire:
                 f"misfire: unknown policy {self.policy!r} (expected skip, once or all)"
             )
         if not isinstance(self.grace, timedelta) or self.grace < timedelta(0):
-            raise RepeatError(f"misfire.grace: must not be negative, got {self.grace!r}")
+            raise RepeatError(f"misfire.grace: must not be negative, got {_show(self.grace)}")
 
 
 def parse_misfire(value: object) -> Misfire:
@@ -668,9 +715,7 @@ def parse_misfire(value: object) -> Misfire:
     if policy is None:
         policy = "skip"
     if not isinstance(policy, str):
-        raise RepeatError(
-            f"misfire: unknown policy {_show(policy)} (expected skip, once or all)"
-        )
+        raise RepeatError(f"misfire: unknown policy {_show(policy)} (expected skip, once or all)")
     grace = DEFAULT_GRACE
     if value.get("grace") is not None:
         try:
@@ -688,7 +733,7 @@ def parse_overlap(value: object) -> Overlap:
         return "skip"
     if value not in _OVERLAPS:
         raise RepeatError(f"overlap: expected 'skip' or 'allow', got {_show(value)}")
-    return cast(Overlap, value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -764,7 +809,7 @@ def _plan(
     cutoff = now - misfire.grace  # occurrences before this are late
     if first is None or first >= cutoff:
         return Plan(first)
-    late = 1 + _count(repeat, anchor, first, cutoff - _TICK)
+    late = 1 + _count(repeat, anchor, first, cutoff - _TICK, COUNT_CAP - 1)
     if misfire.policy == "all":
         if late <= MAX_CATCH_UP:
             return Plan(first)
@@ -790,5 +835,5 @@ def _aware(value: datetime, name: str) -> datetime:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    text = isodate.duration_isoformat(value) if isinstance(value, timedelta) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -28,6 +28,7 @@ TRANSITIONS: dict[str, dict[str, str]] = RULES["transitions"]
 ACTIVE: list[str] = [s for s in STATUSES if s not in FINAL and s != "err"]
 
 MAX_TEXT = 16_000  # characters kept of an error message or traceback
+MAX_RESULT = 64_000  # characters of JSON kept of a job's result (CouchDB refuses documents > 8 MB)
 
 
 class Local(Enum):
@@ -191,7 +192,7 @@ def outcome_fields(
         "duration_ms": round((finished - started).total_seconds() * 1000, 3),
     }
     if error is None:
-        fields["result"] = result
+        fields["result"] = cap_result(result)
         fields["error"] = None
     else:
         fields["error"] = error_info(error)
@@ -208,7 +209,22 @@ def outcome_update(doc: Doc, outcome: dict[str, Any]) -> Doc:
     return _update(doc, status=status, **outcome)
 
 
+def cap_result(result: Any) -> Any:
+    """The result as it may be stored: a large one is replaced by a marked preview."""
+    text = json.dumps(result)
+    if len(text) <= MAX_RESULT:
+        return result
+    return {
+        "truncated": True,
+        "size": len(text),
+        "preview": text[:1000] + f"... [cut: {len(text) - 1000} more characters]",
+    }
+
+
 def error_info(error: BaseException) -> dict[str, str]:
+    remote = getattr(error, "error", None)  # a job that failed in a child process
+    if isinstance(remote, dict):
+        return {key: _cap(str(remote.get(key, ""))) for key in ("type", "message", "traceback")}
     text = "".join(traceback.format_exception(error))
     return {
         "type": type(error).__name__,

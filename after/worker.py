@@ -24,9 +24,11 @@ import os
 import queue
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,16 +36,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from after import records, tasks
+from after import records, runs, tasks
 from after.config import Config
 from after.couch import Conflict, CouchError, Database, NotFound, Server, Unreachable
-from after.jobs import JobContext, JobLoader, run_job
+from after.jobs import JobContext, JobLoader, run_job, run_job_in_process
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step
 
 log = logging.getLogger("after.worker")
 
 DDOC = "after"
+FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
+# For a task whose fields could not be parsed: it fails once, with the reason.
+NO_POLICY = runs.Policy(
+    repeat=None, misfire=runs.parse_misfire(None), overlap="skip", retry=None, timeout=None
+)
 
 
 @dataclass
@@ -55,6 +62,11 @@ class TaskState:
     writing: bool = False  # a write is in flight: decide again when it returns
     newer: Doc | None = None  # a version seen while writing
     cancel_requested: bool = False
+    policy: runs.Policy | None = None  # the scheduling fields, parsed when it is held
+    invalid: str | None = None  # why the fields cannot be scheduled: the run fails with it
+    ends_without_run: dict[str, Any] | None = None  # a repeat whose series ended while down
+    process: subprocess.Popen | None = None  # a job run in a child process (with a timeout)
+    run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
 
 
 @dataclass
@@ -164,6 +176,7 @@ class Worker:
         self.leases: dict[str, datetime] = {}
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
+        self.forgotten: OrderedDict[str, int] = OrderedDict()
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
@@ -239,7 +252,7 @@ class Worker:
         for status in tasks.ACTIVE:
             end = horizon_end if status in ("waiting", "reschedule") else {}
             for doc in self._tasks_in(status, end):
-                self._seen(doc)
+                self._seen(doc, fresh=True)
                 count += 1
         log.info("start-up: %d active task(s) read", count)
 
@@ -388,7 +401,7 @@ class Worker:
         for status in ("scheduled", "running"):
             for doc in self._tasks_in(status, {}):
                 if doc.get("owner") == owner:
-                    self.control.put(lambda doc=doc: self._seen(doc))
+                    self.control.put(lambda doc=doc: self._seen(doc, fresh=True))
         # A conflict means another instance reaped it first, or it came back: both are fine.
         with contextlib.suppress(Conflict):
             self.db.put(records.reaped(record, self.instance, tasks.now()))
@@ -397,7 +410,7 @@ class Worker:
         """Claim the waiting tasks the horizon has reached since the last sweep."""
         until = tasks.iso(tasks.now() + self.horizon)
         for doc in self._tasks_in("waiting", until):
-            self.control.put(lambda doc=doc: self._seen(doc))
+            self.control.put(lambda doc=doc: self._seen(doc, fresh=True))
 
     # -- the feed ----------------------------------------------------------------
     def _follow(self, since: Any) -> None:
@@ -426,13 +439,16 @@ class Worker:
                 backoff = min(backoff * 2, 30.0)
 
     # -- decisions ---------------------------------------------------------------
-    def _seen(self, doc: Doc, seq: Any = None) -> None:
+    def _seen(self, doc: Doc, seq: Any = None, fresh: bool = False) -> None:
+        """A version of a task, from the feed or (fresh=True) just read from a view."""
         if seq is not None:
             self.last_seq = seq
         task_id = doc["_id"]
         state = self.states.get(task_id)
         if state is None:
             if doc.get("status") in tasks.FINAL or doc.get("status") == "err":
+                return
+            if not fresh and tasks.rev_number(doc["_rev"]) <= self.forgotten.get(task_id, 0):
                 return
             state = self.states[task_id] = TaskState(doc)
         elif tasks.rev_number(doc["_rev"]) <= tasks.rev_number(state.doc["_rev"]):
@@ -457,8 +473,11 @@ class Worker:
         found = [loser for loser in losers if loser is not None]
         log.warning(
             "task %s has %d conflicting revision(s) %s; keeping %s",
-            task_id, len(found), [(d.get("owner"), d.get("status")) for d in found], winner["_rev"],
-        )  # fmt: skip
+            task_id,
+            len(found),
+            [(d.get("owner"), d.get("status")) for d in found],
+            winner["_rev"],
+        )
         updated, *deletions = tasks.resolve_conflict(winner, found, tasks.now())
         for deletion in deletions:
             self.writer.write(deletion, lambda row: None)
@@ -496,8 +515,20 @@ class Worker:
         elif step is Step.HOLD:
             if self.stopping.is_set():
                 return self._write(task_id, tasks.hand_back_update(doc))
-            state.local = Local.HELD
             due = tasks.parse_date(doc["date"])
+            try:
+                state.policy, state.invalid = runs.policy_of(doc), None
+            except ValueError as exc:  # the shape was fine (CouchDB checked it), the meaning not
+                state.policy, state.invalid = None, str(exc)
+                due = tasks.now()  # fail it now rather than at its date
+            if state.policy is not None and due < tasks.now():
+                plan = runs.overdue_plan(doc, state.policy, tasks.now())
+                if plan is not None and plan.next_date is not None:
+                    log.info("task %s: late; its misfire policy moves it on", task_id)
+                    return self._write(task_id, runs.moved_update(doc, plan))
+                if plan is not None:  # nothing of the series is left to run
+                    state.ends_without_run = runs.skipped_fields(doc, plan)
+            state.local, state.run_at = Local.HELD, due
             self.timer.schedule(
                 due - self.lead,
                 lambda: self.control.put(lambda: self._commit(task_id)),
@@ -511,10 +542,15 @@ class Worker:
             self._write(task_id, tasks.canceled_update(doc, tasks.now()))
         elif step is Step.CANCEL_AFTER_RUN:
             state.cancel_requested = True
-            log.info(
-                "task %s: cancel asked while its job runs; it will be marked canceled when it ends",
-                task_id,
-            )
+            if state.process is not None:  # a job in a child process can really be stopped
+                log.info("task %s: cancel asked while its job runs; stopping the job", task_id)
+                state.process.kill()
+            else:
+                log.info(
+                    "task %s: cancel asked while its job runs in the worker; "
+                    "it will be marked canceled when it ends",
+                    task_id,
+                )
         elif step is Step.LOST:
             log.warning(
                 "task %s was running under %s, whose lease ran out: marking it err",
@@ -553,6 +589,10 @@ class Worker:
         state = self.states.pop(task_id, None)
         if state is not None:
             self.timer.cancel(task_id)
+            # Versions the feed read before we forgot it may still be queued: ignore them.
+            self.forgotten[task_id] = tasks.rev_number(state.doc["_rev"])
+            if len(self.forgotten) > FORGOTTEN:
+                self.forgotten.popitem(last=False)
 
     # -- writes --------------------------------------------------------------------
     def _write(self, task_id: str, doc: Doc) -> None:
@@ -609,7 +649,7 @@ class Worker:
         status = state.doc["status"]
         if status == "running" and state.local is Local.HELD:  # our commit landed
             state.local = Local.COMMITTED
-            due = tasks.parse_date(state.doc["date"])
+            due = state.run_at or tasks.parse_date(state.doc["date"])
             self.timer.schedule(
                 due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id
             )
@@ -647,21 +687,39 @@ class Worker:
             state.local = Local.NONE
             return self._write(task_id, tasks.hand_back_update(state.doc))
         state.local = Local.RUNNING
-        self.executor.submit(self._execute, task_id, state.doc)
+        self.executor.submit(self._execute, task_id, state)
 
-    def _execute(self, task_id: str, doc: Doc) -> None:
+    def _execute(self, task_id: str, state: TaskState) -> None:
+        """On an executor thread: run the job and post its outcome."""
+        doc, policy = state.doc, state.policy
         job = doc["job"]
         context = JobContext(
             task_id=task_id,
             attempt=int(doc.get("attempt", 1)),
             worker=self.name,
-            idempotency_key=f"{task_id}:{doc.get('attempt', 1)}",
+            idempotency_key=runs.idempotency_key(doc),
         )
         started = tasks.now()
         try:
-            fn = self.jobs.load(job["name"])
-            result = run_job(fn, list(job.get("arguments", [])), context)
-            outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+            if state.invalid is not None:
+                raise ValueError(state.invalid)
+            if state.ends_without_run is not None:
+                outcome = {**tasks.outcome_fields(started, started), **state.ends_without_run}
+                outcome["result"] = "the repeat ended while no worker could run it"
+            elif policy is not None and policy.timeout is not None:
+                result = run_job_in_process(
+                    self.config.jobs.resolve(),
+                    job["name"],
+                    list(job.get("arguments", [])),
+                    context,
+                    policy.timeout.total_seconds(),
+                    started=lambda process: setattr(state, "process", process),
+                )
+                outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+            else:
+                fn = self.jobs.load(job["name"])
+                result = run_job(fn, list(job.get("arguments", [])), context)
+                outcome = tasks.outcome_fields(started, tasks.now(), result=result)
         except BaseException as exc:  # a job's failure is the task's, never the worker's
             outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
             if not isinstance(exc, Exception):
@@ -673,12 +731,16 @@ class Worker:
         if state is None:
             return
         state.local = Local.NONE
+        state.process = None
+        if state.cancel_requested and outcome.get("error"):
+            outcome["error"]["message"] = "canceled while running: " + outcome["error"]["message"]
         if state.writing:  # cannot happen in practice; keep the outcome for the next version
             state.newer = state.newer or state.doc
         self._write_outcome(task_id, state, outcome)
 
     def _write_outcome(self, task_id: str, state: TaskState, outcome: dict[str, Any]) -> None:
-        doc = tasks.outcome_update(state.doc, outcome)
+        policy = state.policy or NO_POLICY
+        doc = runs.after_run_update(state.doc, policy, outcome, tasks.now())
         state.writing = True
 
         def on_result(row: dict[str, Any]) -> None:
@@ -695,13 +757,15 @@ class Worker:
         state.writing = False
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
-            self._after_write(task_id, state)
+            self._after_write(task_id, state)  # final: forgotten; a retry or repeat: claimed
         elif (latest := self._changed_since(task_id, doc, state.newer, row)) is not None:
             # Changed while the job ran (a cancel): record the outcome on the newest version.
             state.doc, state.newer = latest, None
             if latest.get("status") in ("running", "cancel"):
                 return self._write_outcome(task_id, state, outcome)
-        self._forget(task_id)
+            self._forget(task_id)
+        else:
+            self._forget(task_id)
         self._maybe_finish_stop()
 
     # -- local state file (for `after list`) ----------------------------------------

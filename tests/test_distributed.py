@@ -99,8 +99,12 @@ def test_each_instance_keeps_a_record_with_a_lease(db: Database, start_worker) -
 
 
 def test_a_worker_record_must_name_its_instance(db: Database) -> None:
-    record = {"_id": "after-worker:someone-else", "type": "worker", "name": "manobi",
-              "instance": "manobi@host:1:abc"}  # fmt: skip
+    record = {
+        "_id": "after-worker:someone-else",
+        "type": "worker",
+        "name": "manobi",
+        "instance": "manobi@host:1:abc",
+    }
     with pytest.raises(Forbidden) as refused:
         db.put(record)
     assert refused.value.reason.startswith("_id:")
@@ -115,8 +119,10 @@ def test_two_live_instances_run_each_task_exactly_once(
     jobs, runs = recording_jobs(tmp_path)
     first = start_worker(jobs=jobs)
     second = start_worker(jobs=jobs)
-    ids = [create(db, date=in_seconds(0.5), job={"name": "record", "arguments": [n]})
-           for n in range(60)]  # fmt: skip
+    ids = [
+        create(db, date=in_seconds(0.5), job={"name": "record", "arguments": [n]})
+        for n in range(60)
+    ]
     docs = [wait_status(db, task_id, "done", timeout=30) for task_id in ids]
     assert sorted(int(line) for line in runs.read_text().split()) == list(range(60))
     assert {d["owner"] for d in docs} <= {first.instance, second.instance}
@@ -213,8 +219,9 @@ def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> 
         embedded.wait_healthy(url, 60, process)
         db = Server(url).database("outage")
         push(db)
-        config = Config.from_env({}).override(couchdb_url=url, db="outage", jobs=REPO / "jobs",
-                                             home=tmp_path / "home")  # fmt: skip
+        config = Config.from_env({}).override(
+            couchdb_url=url, db="outage", jobs=REPO / "jobs", home=tmp_path / "home"
+        )
         start_worker(config_=config)
         before = create(db)
         wait_status(db, before, "done")

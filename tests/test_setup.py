@@ -18,8 +18,12 @@ from after.security import ROLES
 def after(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "after", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_setup_creates_the_database_a_worker_user_and_the_security(

@@ -148,3 +148,12 @@ def test_dates_are_read_as_the_contract_says(text: str, utc: str) -> None:
 def test_revision_numbers() -> None:
     assert tasks.rev_number("12-abc") == 12
     assert tasks.rev_number(None) == 0
+
+
+def test_a_huge_result_is_stored_as_a_marked_preview() -> None:
+    assert tasks.cap_result({"small": [1, 2]}) == {"small": [1, 2]}
+    capped = tasks.cap_result("y" * 200_000)
+    assert capped["truncated"] is True
+    assert capped["size"] == 200_002
+    assert capped["preview"].endswith("more characters]")
+    assert len(capped["preview"]) < 1100
