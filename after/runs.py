@@ -21,6 +21,7 @@ from after.recurrence import (
     Misfire,
     Plan,
     Repeat,
+    next_occurrence,
     parse_misfire,
     parse_overlap,
     parse_repeat,
@@ -31,6 +32,7 @@ from after.retry import Retry, next_attempt, parse_retry, parse_timeout
 from after.tasks import Doc, _update, iso, outcome_update, parse_date
 
 HISTORY = 20  # runs kept in a task's history
+NO_OVERLAP = Misfire(policy="skip", grace=timedelta(0))
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,44 @@ def skipped_fields(doc: Doc, plan: Plan) -> dict[str, Any]:
     return fields
 
 
+def next_overlapping(doc: Doc, policy: Policy, after: datetime, handed_off: int) -> datetime | None:
+    """With `overlap: "allow"`: the occurrence after `after` that comes due while
+    this run is still going, to be run by a task of its own (within the limit,
+    counting this run and the `handed_off` ones)."""
+    repeat = policy.repeat
+    if repeat is None or policy.overlap != "allow":
+        return None
+    if repeat.limit is not None and int(doc.get("runs", 0)) + 1 + handed_off >= repeat.limit:
+        return None
+    return next_occurrence(repeat, anchor_of(doc), after)
+
+
+def spawned_task(doc: Doc, occurrence: datetime) -> Doc:
+    """A one-off task for an occurrence that overlaps the running one."""
+    fields = ("worker", "job", "retry", "timeout")
+    return {
+        **{key: doc[key] for key in fields if key in doc},
+        "date": iso(occurrence),
+        "status": "waiting",
+        "spawned_by": doc["_id"],
+    }
+
+
 def after_run_update(
-    doc: Doc, policy: Policy, outcome: dict[str, Any], now: datetime, rng: Any = None
+    doc: Doc,
+    policy: Policy,
+    outcome: dict[str, Any],
+    now: datetime,
+    rng: Any = None,
+    spawned: list[datetime] | None = None,
 ) -> Doc:
     """The document a run's end writes: `done` or `err`, or `waiting` again for a
-    retry or for the next occurrence; `canceled` if a cancel came while it ran."""
+    retry or for the next occurrence; `canceled` if a cancel came while it ran.
+
+    `spawned`: occurrences that came due during the run and were handed to tasks
+    of their own (overlap "allow"); the series goes on after the last of them.
+    """
+    spawned = spawned or []
     failed = bool(outcome.get("error"))
     if doc.get("status") == "cancel":
         return outcome_update(doc, outcome)
@@ -119,7 +154,7 @@ def after_run_update(
             )
     if policy.repeat is None:
         return outcome_update(doc, outcome)
-    runs = int(doc.get("runs", 0)) + 1
+    runs = int(doc.get("runs", 0)) + 1 + len(spawned)
     entry = {
         "occurrence": iso(occurrence_of(doc)),
         "attempt": attempt,
@@ -135,9 +170,20 @@ def after_run_update(
         anchor=iso(anchor_of(doc)),
         history=[*doc.get("history", []), entry][-HISTORY:],
     )
-    plan = plan_after_run(
-        policy.repeat, policy.misfire, anchor_of(doc), occurrence_of(doc), now, runs
-    )
+    last = max([occurrence_of(doc), *spawned])
+    started = parse_date(outcome["started_at"]) if outcome.get("started_at") else now
+    # Occurrences missed before this run started follow the misfire policy (a
+    # catch-up goes on); those that came due while it ran follow overlap: with
+    # "skip" (the default) they are skipped and recorded, with "allow" they were
+    # handed to tasks of their own.
+    plan = plan_after_run(policy.repeat, policy.misfire, anchor_of(doc), last, started, runs)
+    if policy.overlap == "skip" and plan.next_date is not None and started <= plan.next_date < now:
+        during = plan_overdue(policy.repeat, NO_OVERLAP, anchor_of(doc), plan.next_date, now, runs)
+        plan = Plan(
+            during.next_date,
+            plan.skipped + during.skipped,
+            during.last_skipped or plan.last_skipped,
+        )
     return _next(ran, plan, finished_status="err" if failed else "done")
 
 

@@ -67,6 +67,7 @@ class TaskState:
     ends_without_run: dict[str, Any] | None = None  # a repeat whose series ended while down
     process: subprocess.Popen | None = None  # a job run in a child process (with a timeout)
     run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
+    spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
 
 
 @dataclass
@@ -686,8 +687,35 @@ class Worker:
         if self.stopping.is_set():
             state.local = Local.NONE
             return self._write(task_id, tasks.hand_back_update(state.doc))
-        state.local = Local.RUNNING
+        state.local, state.spawned = Local.RUNNING, []
         self.executor.submit(self._execute, task_id, state)
+        if state.policy is not None:
+            self._plan_overlap(task_id, state, runs.occurrence_of(state.doc))
+
+    def _plan_overlap(self, task_id: str, state: TaskState, after: datetime) -> None:
+        """overlap "allow": when the next occurrence comes while the job still runs,
+        it runs as a task of its own rather than being skipped."""
+        assert state.policy is not None
+        occurrence = runs.next_overlapping(state.doc, state.policy, after, len(state.spawned))
+        if occurrence is not None:
+            action = lambda: self.control.put(lambda: self._spawn(task_id, occurrence))  # noqa: E731
+            self.timer.schedule(occurrence, action, key=("overlap", task_id))
+
+    def _spawn(self, task_id: str, occurrence: datetime) -> None:
+        state = self.states.get(task_id)
+        if state is None or state.local is not Local.RUNNING:
+            return
+        child = runs.spawned_task(state.doc, occurrence)
+        log.info(
+            "task %s still runs at its next occurrence: running that one as a new task", task_id
+        )
+        self.writer.write(child, lambda row: self._spawned(task_id, row))
+        state.spawned.append(occurrence)
+        self._plan_overlap(task_id, state, occurrence)
+
+    def _spawned(self, task_id: str, row: dict[str, Any]) -> None:
+        if row.get("error"):
+            log.error("task %s: its overlapping occurrence was refused: %s", task_id, row)
 
     def _execute(self, task_id: str, state: TaskState) -> None:
         """On an executor thread: run the job and post its outcome."""
@@ -732,6 +760,7 @@ class Worker:
             return
         state.local = Local.NONE
         state.process = None
+        self.timer.cancel(("overlap", task_id))
         if state.cancel_requested and outcome.get("error"):
             outcome["error"]["message"] = "canceled while running: " + outcome["error"]["message"]
         if state.writing:  # cannot happen in practice; keep the outcome for the next version
@@ -740,7 +769,7 @@ class Worker:
 
     def _write_outcome(self, task_id: str, state: TaskState, outcome: dict[str, Any]) -> None:
         policy = state.policy or NO_POLICY
-        doc = runs.after_run_update(state.doc, policy, outcome, tasks.now())
+        doc = runs.after_run_update(state.doc, policy, outcome, tasks.now(), spawned=state.spawned)
         state.writing = True
 
         def on_result(row: dict[str, Any]) -> None:

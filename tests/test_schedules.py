@@ -193,3 +193,49 @@ def test_misfire_all_runs_every_missed_occurrence(db: Database, start_worker: St
     assert [run["occurrence"] for run in doc["history"]] == [
         iso(parse_date(doc["anchor"]) + timedelta(seconds=k)) for k in range(4)
     ]
+
+
+def test_overlap_skip_records_occurrences_that_came_while_running(
+    db: Database, start_worker: StartWorker
+) -> None:
+    start_worker()
+    task_id = create(
+        db,
+        date=in_seconds(0.3),
+        job={"name": "sleep", "arguments": [2.3]},
+        repeat={"interval": "PT1S", "limit": 2},
+    )
+    doc = wait_status(db, task_id, "done", timeout=15)
+    assert doc["runs"] == 2
+    assert doc["skipped"] == 2  # anchor + 1 s and + 2 s came while the first run went on
+    second = doc["history"][1]
+    assert parse_date(second["occurrence"]) == parse_date(doc["anchor"]) + timedelta(seconds=3)
+
+
+def test_overlap_allow_runs_overlapping_occurrences_as_tasks_of_their_own(
+    db: Database, start_worker: StartWorker
+) -> None:
+    start_worker(concurrency=4)
+    task_id = create(
+        db,
+        date=in_seconds(0.3),
+        job={"name": "sleep", "arguments": [2.3]},
+        repeat={"interval": "PT1S", "limit": 4},
+        overlap="allow",
+    )
+    doc = wait_status(db, task_id, "done", timeout=15)
+    assert doc["runs"] == 4  # its own two runs and two handed off
+    assert "skipped" not in doc
+    children = [
+        row["doc"]
+        for row in db.all_docs(include_docs=True)["rows"]
+        if row["doc"].get("spawned_by") == task_id
+    ]
+    anchor = parse_date(doc["anchor"])
+    assert sorted(parse_date(c["date"]) for c in children) == [
+        anchor + timedelta(seconds=1),
+        anchor + timedelta(seconds=2),
+    ]
+    for child in children:
+        assert wait_status(db, child["_id"], "done", timeout=10)["result"] == 2.3
+    assert parse_date(doc["history"][-1]["occurrence"]) == anchor + timedelta(seconds=3)
