@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from after import __version__, embedded, records
-from after.config import Config
-from after.couch import CouchError, NotFound, Server
+from after.config import Config, ConfigError
+from after.couch import CouchError, Forbidden, NotFound, Server
 from after.tasks import parse_date
 
 console = Console()
@@ -90,8 +90,13 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def load_config(
     couchdb_url: str | None = None, db: str | None = None, jobs: str | None = None
 ) -> Config:
+    """The config file (AFTER_CONFIG or ~/.after/config.toml), the environment, then flags."""
     home = click.get_current_context().find_root().params.get("home")
-    return Config.from_env().override(couchdb_url=couchdb_url, db=db, jobs=jobs, home=home)
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        fail(str(exc))
+    return config.override(couchdb_url=couchdb_url, db=db, jobs=jobs, home=home)
 
 
 def pid_alive(pid: int) -> bool:
@@ -452,6 +457,7 @@ def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
         counts.setdefault(worker, {})[task_status] = row["value"]
     if as_json:
         click.echo(json.dumps({"database": config.db, "workers": counts}, indent=2, sort_keys=True))
+        warn_if_admin_party(config)
         return
     from after.tasks import STATUSES
 
@@ -467,6 +473,20 @@ def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
         "[bold]all[/bold]", *(str(totals[s]) for s in STATUSES), str(sum(totals.values()))
     )
     console.print(table)
+    warn_if_admin_party(config)
+
+
+def warn_if_admin_party(config: Config) -> bool:
+    """One loud line on stderr when the server makes every anonymous request an admin."""
+    from after.security import admin_party, admin_party_warning
+
+    try:
+        party = admin_party(config.couchdb_url, timeout=5)
+    except CouchError:
+        return False
+    if party:
+        click.secho(admin_party_warning(config.display_url), fg="red", bold=True, err=True)
+    return party
 
 
 @main.command()
@@ -486,13 +506,23 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
     The password comes from AFTER_USER_PASSWORD or a prompt, never from the command line.
     """
     from after import push as pusher
-    from after.security import ROLES, security_object
+    from after.security import ROLES, security_object, user_context
 
     config = load_config(couchdb_url, db)
+    server = Server.from_config(config)
+    me = user_context(server)
+    if "_admin" not in (me.get("roles") or []):
+        who = f"user {me['name']}" if me.get("name") else "an anonymous user"
+        fail(
+            f"after setup needs a server admin, but {config.display_url} takes you for {who}; "
+            "give admin credentials (in the URL, AFTER_COUCHDB_USER / AFTER_COUCHDB_PASSWORD "
+            "or the config file)"
+        )
     password = os.environ.get("AFTER_USER_PASSWORD") or click.prompt(
         f"password for {user_name}", hide_input=True, confirmation_prompt=True
     )
-    server = Server.from_config(config)
+    if not password:
+        fail(f"the password for {user_name} is empty")
     database = server.database(config.db)
     result = pusher.push(database)
     if result.created_db:
@@ -501,6 +531,13 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
     click.echo(f"user {user_name} has role {ROLES[role]}")
     database.set_security(security_object())
     click.echo(f"{config.db} admits the roles {', '.join(ROLES.values())} (and server admins)")
+    if not warn_if_admin_party(config):
+        try:
+            Server(config.couchdb_url, timeout=10).database(config.db).info()
+        except Forbidden as exc:
+            click.echo(f"anonymous requests to {config.db} are refused ({exc.status})")
+        else:
+            fail(f"{config.db} still answers anonymous requests: check the server's security")
 
 
 # -- the embedded server -----------------------------------------------------------------
@@ -561,3 +598,106 @@ def couchdb_stop() -> None:
         time.sleep(0.05)
     paths.couchdb_pid.unlink(missing_ok=True)
     click.echo(f"embedded server (pid {pid}) stopped")
+
+
+def embedded_command_line(pid: int) -> dict[str, str] | None:
+    """--port and --dir of a running embedded server (Linux /proc); None if it is not one."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(part.endswith("pouchdb-server") for part in argv):
+        return None
+    options = {}
+    for flag in ("--port", "--dir"):
+        if flag in argv and argv.index(flag) + 1 < len(argv):
+            options[flag[2:]] = argv[argv.index(flag) + 1]
+    return options if len(options) == 2 else None
+
+
+def terminate(pid: int, timeout: float = 10.0) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        fail(f"the embedded server (pid {pid}) did not stop within {timeout:.0f} s")
+
+
+@couchdb.command(name="lock")
+@click.option(
+    "--user", "admin_name", default="admin", show_default=True, help="The server admin's name."
+)
+@click.pass_context
+@friendly_errors
+def couchdb_lock(ctx: click.Context, admin_name: str) -> None:
+    """End the embedded server's "admin party": give it a server admin.
+
+    Without an admin, anyone who can reach PouchDB Server is a server admin.
+    This writes the admin (hashed) into the server's config.json and restarts
+    the server if it runs as a daemon. The password comes from
+    AFTER_ADMIN_PASSWORD or a prompt, never from the command line. Apache
+    CouchDB 3.x needs no lock: it always has an admin (it refuses to start
+    without one).
+    """
+    group = ctx.parent.params if ctx.parent else {}
+    paths = Paths(load_config().home)
+    pid = read_pid(paths.couchdb_pid)
+    alive = pid is not None and pid_alive(pid)
+    running = embedded_command_line(pid) if pid is not None and alive else None
+    if group.get("data_dir"):
+        directory = Path(group["data_dir"]).expanduser()
+    elif running:
+        directory = Path(running["dir"])
+    else:
+        directory = paths.couchdb_dir
+    if running and Path(running["dir"]).resolve() != directory.resolve():
+        running = None  # a server on other data: not the one we lock
+    port = int(running["port"]) if running else group.get("port", 5984)
+    url = f"http://127.0.0.1:{port}/"
+
+    password = os.environ.get("AFTER_ADMIN_PASSWORD") or click.prompt(
+        f"password for the server admin {admin_name}", hide_input=True, confirmation_prompt=True
+    )
+    if not password:
+        fail("the server admin's password is empty")
+    embedded.seed_admin(directory, (admin_name, password))
+    # The server rewrites config.json (admin hashes, its cookie secret) with its own
+    # mode: keep the whole data directory private instead.
+    directory.chmod(0o700)
+    click.echo(f"server admin {admin_name} written (hashed) to {directory / 'config.json'}")
+
+    if running is None and alive:  # a server we cannot inspect (no /proc) or on other data
+        click.echo(
+            f"if the embedded server (pid {pid}) runs on {directory}, restart it to apply it "
+            "(`after couchdb stop`, then `after couchdb --daemon`)"
+        )
+    elif running is None:
+        click.echo(
+            "it applies when the embedded server starts (`after couchdb --daemon`); "
+            "Apache CouchDB 3.x needs no lock: it always has an admin"
+        )
+    elif pid is not None and os.getsid(pid) == pid:  # a daemon: its own session
+        terminate(pid)
+        process = embedded.start(port, directory, directory / "server.log", detach=True)
+        try:
+            embedded.wait_healthy(url, timeout=60, process=process)
+        except embedded.EmbeddedServerError as exc:
+            embedded.stop(process)
+            paths.couchdb_pid.unlink(missing_ok=True)
+            fail(f"{exc}; see {directory / 'server.log'}")
+        paths.couchdb_pid.write_text(str(process.pid))
+        from after.security import admin_party
+
+        if admin_party(url):
+            fail(f"the embedded server at {url} restarted but is still in admin party")
+        click.echo(f"restarted the embedded server (pid {process.pid}) at {url}: locked")
+    else:
+        click.echo(
+            f"restart the embedded server (pid {pid}) to apply it: stop it (Ctrl-C) "
+            "and run `after couchdb` again"
+        )
+    click.echo(
+        f"connect as the admin: AFTER_COUCHDB_URL=http://{admin_name}@127.0.0.1:{port}/ "
+        "with AFTER_COUCHDB_PASSWORD (or both in a config file readable only by you)"
+    )

@@ -55,32 +55,85 @@ def _error_for(status: int) -> type[CouchError]:
     return {409: Conflict, 403: Forbidden, 401: Forbidden, 404: NotFound}.get(status, CouchError)
 
 
+def _refusal(response: requests.Response, what: str) -> CouchError:
+    """The CouchError for an error response, with CouchDB's error and reason."""
+    try:
+        payload = response.json()
+        error, reason = str(payload.get("error", "")), str(payload.get("reason", ""))
+    except ValueError:
+        error, reason = "http_error", response.text[:200]
+    return _error_for(response.status_code)(response.status_code, error, reason, what)
+
+
 class Server:
-    """A CouchDB server: one pooled HTTP session, credentials never shown."""
+    """A CouchDB server: one pooled HTTP session, credentials never shown.
+
+    `auth` = (name, password) is sent as Basic auth on every request, or, with
+    `cookie=True`, exchanged once for an AuthSession cookie (`POST /_session`)
+    that the following requests carry; a 401 logs in again, once, and repeats
+    the request. HTTPS URLs work as they are (certificates checked by requests;
+    REQUESTS_CA_BUNDLE names a private CA).
+    """
 
     def __init__(
-        self, url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0
+        self,
+        url: str,
+        auth: tuple[str, str] | None = None,
+        timeout: float = 30.0,
+        *,
+        cookie: bool = False,
     ) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.auth = auth
+        self.credentials = auth
+        self.cookie = bool(cookie and auth)
+        self.session.auth = None if self.cookie else auth
         self.session.headers["Accept"] = "application/json"
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._login_lock = threading.Lock()
+        self.logins = 0  # how many times a cookie session was opened
 
     @classmethod
     def from_config(cls, config: Config, timeout: float = 30.0) -> Server:
-        return cls(config.couchdb_url, config.auth, timeout)
+        return cls(config.couchdb_url, config.auth, timeout, cookie=config.auth_method == "cookie")
 
     @property
     def display_url(self) -> str:
-        user = self.session.auth[0] if isinstance(self.session.auth, tuple) else None
+        user = self.credentials[0] if self.credentials else None
         if not user:
             return redact(self.url)
         scheme, rest = self.url.split("://", 1)
-        return f"{scheme}://{user}:***@{rest}"
+        return f"{scheme}://{quote(user, safe='')}:***@{rest}"
+
+    def login(self, seen: int | None = None) -> None:
+        """Open a cookie session with the credentials (`POST /_session`).
+
+        `seen` is the login count a failed request was sent under: if another
+        thread has logged in since, its fresh cookie is used instead.
+        """
+        assert self.credentials is not None
+        with self._login_lock:
+            if seen is not None and seen != self.logins:
+                return
+            name, password = self.credentials
+            what = f"POST {self.display_url}_session"
+            self.session.cookies.clear()
+            try:
+                response = self.session.post(
+                    self.url + "_session",
+                    data={"name": name, "password": password},
+                    timeout=self.timeout,
+                )
+            except requests.RequestException as exc:
+                raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
+            if response.status_code >= 400:
+                raise _refusal(response, what)
+            if "AuthSession" not in self.session.cookies:
+                raise Forbidden(401, "unauthorized", "the server set no AuthSession cookie", what)
+            self.logins += 1
 
     def request(
         self,
@@ -96,28 +149,34 @@ class Server:
         """Send one request; raise a CouchError subclass for any error status."""
         url = self.url + path.lstrip("/")
         what = f"{method} {self.display_url}{path.lstrip('/')}"
-        try:
-            response = self.session.request(
-                method,
-                url,
-                params=_encode_params(params),
-                data=None if body is None else json.dumps(body),
-                headers={
-                    **({"Content-Type": "application/json"} if body is not None else {}),
-                    **(headers or {}),
-                },
-                timeout=timeout or self.timeout,
-                stream=stream,
-            )
-        except requests.RequestException as exc:
-            raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
-        if response.status_code >= 400:
+
+        def send() -> requests.Response:
             try:
-                payload = response.json()
-                error, reason = str(payload.get("error", "")), str(payload.get("reason", ""))
-            except ValueError:
-                error, reason = "http_error", response.text[:200]
-            raise _error_for(response.status_code)(response.status_code, error, reason, what)
+                return self.session.request(
+                    method,
+                    url,
+                    params=_encode_params(params),
+                    data=None if body is None else json.dumps(body),
+                    headers={
+                        **({"Content-Type": "application/json"} if body is not None else {}),
+                        **(headers or {}),
+                    },
+                    timeout=timeout or self.timeout,
+                    stream=stream,
+                )
+            except requests.RequestException as exc:
+                raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
+
+        if self.cookie and self.logins == 0:
+            self.login(seen=0)
+        seen = self.logins
+        response = send()
+        if response.status_code == 401 and self.cookie:
+            response.close()
+            self.login(seen=seen)  # the session expired (or the server restarted): once more
+            response = send()
+        if response.status_code >= 400:
+            raise _refusal(response, what)
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:

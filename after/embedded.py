@@ -142,14 +142,19 @@ def command(port: int, data_dir: Path, admin: tuple[str, str] | None = None) -> 
     return [
         node,
         "--unhandled-rejections=warn",
-        "--require", str(GUARD),
+        "--require",
+        str(GUARD),
         str(server),
-        "--port", str(port),
-        "--host", "127.0.0.1",
-        "--dir", str(data_dir),
-        "--config", str(data_dir / "config.json"),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--config",
+        str(data_dir / "config.json"),
         "--no-stdout-logs",
-    ]  # fmt: skip
+    ]
 
 
 def start(

@@ -7,16 +7,25 @@ One file per CouchDB function, so each is readable and lintable:
     designdocs/after/views/by_status/map.js   -> "views": {"by_status": {"map": ...}}
     designdocs/after/views/by_status/reduce.json  ("_count")  -> a JSON value
     designdocs/after/lib/rules.json           -> "lib": {"rules": "module.exports = {...};"}
+    designdocs/after/_attachments/index.html  -> "_attachments": {"index.html": {...}}
 
 `.js` files are stored as their source text, `.json` files as their value, and
 `.json` files under `lib/` as CommonJS modules that `require('lib/rules')`
 returns (the table of statuses and transitions lives there, once).
-Deploying writes only what changed: an unchanged design doc gets no new revision.
+Every file under `_attachments/` (any type, sub-folders kept in the name) is an
+inline base64 attachment with its content type, served by the server at
+`/<db>/_design/<name>/<file>` (the dashboard).
+Deploying writes only what changed: an unchanged design doc gets no new revision
+(attachments are compared by MD5 digest, or by content where the server's digest
+is not the MD5 of the content).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import mimetypes
 import re
 import threading
 import time
@@ -24,12 +33,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from after.couch import Database
+from after.couch import Database, NotFound
 
 # A function file may open with a comment; CouchDB wants the source to be the
 # function expression itself, so the comment stays in the file only.
 _LEADING_COMMENTS = re.compile(r"\A(?:\s*/\*.*?\*/|\s*//[^\n]*)*", re.DOTALL)
+
+ATTACHMENTS = "_attachments"
+
+# Content types of the files a dashboard is made of; anything else is guessed from
+# its extension (`mimetypes`), and unknown ones are application/octet-stream.
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".webmanifest": "application/manifest+json",
+}
 
 
 def designdocs_dir() -> Path:
@@ -43,11 +71,35 @@ def designdocs_dir() -> Path:
     )
 
 
+def content_type(path: Path) -> str:
+    known = _CONTENT_TYPES.get(path.suffix.lower())
+    if known:
+        return known
+    guessed, _ = mimetypes.guess_type(path.name)
+    return guessed or "application/octet-stream"
+
+
+def compile_attachments(folder: Path) -> dict[str, dict[str, str]]:
+    """The files under `folder` as inline attachments: {name: {content_type, data}}."""
+    attachments = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        attachments[relative.as_posix()] = {
+            "content_type": content_type(path),
+            "data": base64.b64encode(path.read_bytes()).decode("ascii"),
+        }
+    return attachments
+
+
 def compile_designdoc(folder: Path) -> dict[str, Any]:
     doc: dict[str, Any] = {"_id": f"_design/{folder.name}", "language": "javascript"}
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
+        if path.relative_to(folder).parts[0] == ATTACHMENTS:
+            continue  # files, not functions: below
         parts = path.relative_to(folder).with_suffix("").parts
         if path.suffix == ".js":
             value: Any = _LEADING_COMMENTS.sub("", path.read_text(encoding="utf-8")).strip()
@@ -61,6 +113,10 @@ def compile_designdoc(folder: Path) -> dict[str, Any]:
         for key in parts[:-1]:
             node = node.setdefault(key, {})
         node[parts[-1]] = value
+    if (folder / ATTACHMENTS).is_dir():
+        attachments = compile_attachments(folder / ATTACHMENTS)
+        if attachments:
+            doc[ATTACHMENTS] = attachments
     return doc
 
 
@@ -89,7 +145,7 @@ def push(db: Database, root: Path | None = None, warm: bool = True) -> PushResul
     for doc in compile_all(root):
         current = db.get(doc["_id"])
         if current is not None:
-            if _without_meta(current) == _without_meta(doc):
+            if _without_meta(current) == _without_meta(doc) and same_attachments(db, current, doc):
                 unchanged.append(doc["_id"])
                 continue
             doc["_rev"] = current["_rev"]
@@ -108,7 +164,48 @@ def warm_views(db: Database, doc: dict[str, Any]) -> None:
 
 
 def _without_meta(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in ("_rev", "_revisions")}
+    return {k: v for k, v in doc.items() if k not in ("_rev", "_revisions", ATTACHMENTS)}
+
+
+def md5_digest(data: bytes) -> str:
+    """An attachment digest as CouchDB and PouchDB Server write it: md5-<base64>."""
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return "md5-" + base64.b64encode(digest).decode("ascii")
+
+
+def same_attachments(db: Database, current: dict[str, Any], compiled: dict[str, Any]) -> bool:
+    """Whether the deployed design doc already has exactly the compiled attachments.
+
+    The server lists its attachments as stubs (content_type, length, digest). A
+    digest equal to the MD5 of our file settles it at no cost; where it differs
+    (Apache CouchDB may digest what it stores, gzip for compressible types) the
+    attachment is read back and compared byte for byte, so an unchanged push
+    writes nothing on either server.
+    """
+    stubs = current.get(ATTACHMENTS) or {}
+    wanted = compiled.get(ATTACHMENTS) or {}
+    if set(stubs) != set(wanted):
+        return False
+    for name, attachment in wanted.items():
+        stub = stubs[name]
+        data = base64.b64decode(attachment["data"])
+        if stub.get("content_type") != attachment["content_type"]:
+            return False
+        if isinstance(stub.get("length"), int) and stub["length"] != len(data):
+            return False
+        if stub.get("digest") == md5_digest(data):
+            continue
+        if read_attachment(db, current["_id"], name) != data:
+            return False
+    return True
+
+
+def read_attachment(db: Database, doc_id: str, name: str) -> bytes | None:
+    path = "/".join(quote(part, safe="") for part in [*doc_id.split("/", 1), *name.split("/")])
+    try:
+        return db.server.request("GET", f"{db.path}/{path}", headers={"Accept": "*/*"}).content
+    except NotFound:
+        return None
 
 
 def watch(

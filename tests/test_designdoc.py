@@ -6,6 +6,11 @@ whose reason starts with the field it is about and says the rule. The status
 tests are derived from `designdocs/after/lib/rules.json`, the one table of
 statuses and transitions, so that the JavaScript and the table cannot drift
 apart unnoticed.
+
+These tests write as a server admin (the admin party of the embedded test
+server, or the admin credentials of AFTER_TEST_COUCHDB_URL), who may do what a
+client or a worker may; who may do what is tested with real users in
+tests/test_roles.py.
 """
 
 from __future__ import annotations
@@ -131,6 +136,15 @@ def test_the_table_is_consistent() -> None:
         assert set(targets.values()) <= {"client", "worker"}, source
     for status in FINAL:
         assert TRANSITIONS[status] == {}, f"{status} is final: nothing leaves it"
+
+
+def test_the_role_columns_of_the_table_are_consistent() -> None:
+    assert set(RULES["roles"]) == {"client", "worker"}
+    task_fields = {"_id", "_rev", "type", "worker", "date", "job", "status"}
+    worker_fields = RULES["worker_fields"]
+    assert len(set(worker_fields)) == len(worker_fields)
+    assert not set(worker_fields) & task_fields, "a client must be able to send its own fields"
+    assert RULES["force_field"] not in set(worker_fields) | task_fields
 
 
 def test_the_table_says_what_the_design_says() -> None:

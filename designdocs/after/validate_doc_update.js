@@ -3,6 +3,13 @@
  * Every refusal is {forbidden: "<field>: <rule>"} so that a client sees a 403
  * whose reason names the field and the rule. The statuses and transitions
  * come from lib/rules.json, the one table the Python side reads too.
+ *
+ * Who may do what comes from the same table, through userCtx.roles: clients
+ * (rules.roles.client) create tasks and make the "client" moves, workers
+ * (rules.roles.worker) make the "worker" moves and alone write the fields in
+ * rules.worker_fields and worker records; server admins ("_admin") may do what
+ * either may, and alone may edit a final task, by writing rules.force_field: true.
+ * Anybody else cannot write tasks at all (401 when anonymous, 403 otherwise).
  */
 function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
   var rules = require('lib/rules');
@@ -19,9 +26,55 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     return doc.type === 'worker';
   }
 
+  var userRoles = userCtx.roles || [];
+  var isAdmin = userRoles.indexOf('_admin') >= 0;
+
+  // role is 'worker' or 'client'; a server admin has every role.
   function hasRole(role) {
-    var roles = userCtx.roles || [];
-    return roles.indexOf('_admin') >= 0 || roles.indexOf(rules.roles[role]) >= 0;
+    return isAdmin || userRoles.indexOf(rules.roles[role]) >= 0;
+  }
+
+  function roleName(role) {
+    return role + 's (role ' + rules.roles[role] + ')';
+  }
+
+  // Tasks are written by clients, workers and server admins only.
+  function checkTaskWriter() {
+    if (hasRole('client') || hasRole('worker')) {
+      return;
+    }
+    var who = userCtx.name === null || userCtx.name === undefined ? 'an anonymous request' :
+      'user "' + userCtx.name + '" (roles: ' + (userRoles.length ? userRoles.join(', ') : 'none') + ')';
+    var reason = 'role: only ' + roleName('client') + ' and ' + roleName('worker') +
+      ' may write tasks; ' + who + ' has neither';
+    if (userCtx.name === null || userCtx.name === undefined) {
+      throw ({unauthorized: reason});
+    }
+    refuse(reason);
+  }
+
+  // The fields the worker owns (rules.worker_fields): a client may send them
+  // back as it read them (compared as JSON), never set, change or drop them.
+  function checkWorkerFields(doc, before) {
+    if (hasRole('worker')) {
+      return;
+    }
+    before = before || {};
+    for (var i = 0; i < rules.worker_fields.length; i++) {
+      var field = rules.worker_fields[i];
+      if (JSON.stringify(doc[field]) !== JSON.stringify(before[field])) {
+        refuse(field + ': only ' + roleName('worker') + ' may write ' + field +
+               ', a field the worker owns (send it back as you read it)');
+      }
+    }
+  }
+
+  // The force flag marks a server admin's edit of a final task (an audit trail).
+  function checkForce(doc, before) {
+    var field = rules.force_field;
+    if (!isAdmin && JSON.stringify(doc[field]) !== JSON.stringify((before || {})[field])) {
+      refuse(field + ': only server admins may force-edit a final task ("' + field + '": true)');
+    }
   }
 
   // A worker record: one per worker instance, renewed on a heartbeat (after/records.py).
@@ -224,6 +277,9 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     if (newDoc.resolves_conflict === true && hasRole('worker')) {
       return;  // a worker deletes the losing revision of a conflict (after/tasks.py resolve_conflict)
     }
+    if (!oldDoc || isTask(oldDoc)) {
+      checkTaskWriter();
+    }
     if (oldDoc && isTask(oldDoc) && knownStatus(oldDoc) && rules.deletable.indexOf(oldDoc.status) < 0) {
       refuse('status: a ' + oldDoc.status + ' task cannot be deleted; set status to "cancel" to stop it ' +
              '(only ' + rules.deletable.join(', ') + ' tasks may be deleted)');
@@ -245,24 +301,37 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     refuse('type: a ' + oldDoc.type + ' document cannot become a task');
   }
 
+  checkTaskWriter();
   checkTask(newDoc);
 
-  if (!oldDoc || oldDoc._deleted || !knownStatus(oldDoc)) {  // a new task, or one written anew
+  var before = oldDoc && !oldDoc._deleted ? oldDoc : null;
+  checkForce(newDoc, before);
+  if (!before || !knownStatus(oldDoc)) {  // a new task, or one written anew
     if (newDoc.status !== rules.initial) {
       refuse('status: a new task must start as "' + rules.initial + '" (got "' + newDoc.status + '")');
     }
+    checkWorkerFields(newDoc, before);
     return;
   }
 
   var from = oldDoc.status, to = newDoc.status;
   if (rules.final.indexOf(from) >= 0) {
-    refuse('status: a ' + from + ' task cannot change (' + from + ' is final)');
+    if (isAdmin && newDoc[rules.force_field] === true) {
+      return;  // a server admin's forced edit; the document keeps "force": true
+    }
+    refuse('status: a ' + from + ' task cannot change (' + from + ' is final); only a server admin ' +
+           'may force an edit, by writing "' + rules.force_field + '": true');
   }
   if (from !== to && !rules.transitions[from].hasOwnProperty(to)) {
     var allowed = Object.keys(rules.transitions[from]);
     refuse('status: cannot change from ' + from + ' to ' + to + ' (from ' + from + ' only to ' +
            (allowed.length ? allowed.join(', ') : 'nothing') + ')');
   }
+  if (from !== to && !hasRole(rules.transitions[from][to])) {
+    refuse('status: only ' + roleName(rules.transitions[from][to]) + ' may change a task from ' +
+           from + ' to ' + to);
+  }
+  checkWorkerFields(newDoc, oldDoc);
   if (from !== rules.initial &&
       (newDoc.worker !== oldDoc.worker || JSON.stringify(newDoc.job) !== JSON.stringify(oldDoc.job))) {
     refuse('worker, job: can change only while a task is waiting (create a new task instead)');
