@@ -395,8 +395,12 @@ def test_unreachable_server_is_one_line_naming_the_url_without_the_password(
 
 
 def test_unreachable_server_from_the_environment_is_redacted_too(env: dict[str, str]) -> None:
-    env = {**env, "AFTER_COUCHDB_URL": "http://127.0.0.1:1/", "AFTER_COUCHDB_USER": "user",
-           "AFTER_COUCHDB_PASSWORD": "secret"}  # fmt: skip
+    env = {
+        **env,
+        "AFTER_COUCHDB_URL": "http://127.0.0.1:1/",
+        "AFTER_COUCHDB_USER": "user",
+        "AFTER_COUCHDB_PASSWORD": "secret",
+    }
     line = assert_one_clear_line(after_cli(env, "status"))
     assert "user:***@127.0.0.1:1/" in line and "secret" not in line
 
