@@ -199,6 +199,9 @@ def run_foreground(config: Config, name: str, options: dict[str, Any], paths: Pa
         stream=sys.stderr,
         force=True,
     )
+    # Hand the GIL over sooner (default 5 ms): the timer thread's wake-ups at due
+    # times should not wait behind the feed and writer threads.
+    sys.setswitchinterval(0.001)
     worker = Worker(config, name, state_file=paths.state(name), **options)
     worker.install_signal_handlers()
     paths.pid(name).write_text(str(os.getpid()))
@@ -441,38 +444,49 @@ def push(couchdb_url: str | None, db: str | None, watch: bool) -> None:
 
 @main.command()
 @connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON for scripts.")
+@click.option("--watch", is_flag=True, help="Redraw the summary in place until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often --watch redraws.",
+)
 @friendly_errors
-def status(couchdb_url: str | None, db: str | None, as_json: bool) -> None:
-    """Task counts by status and by worker."""
+def status(
+    couchdb_url: str | None, db: str | None, as_json: bool, watch: bool, interval: float
+) -> None:
+    """Tasks by status and worker, late and failed tasks, worker instances."""
+    from rich.text import Text
+
+    from after import status as view
+
+    if as_json and watch:
+        raise click.UsageError("--json and --watch do not go together")
     config = load_config(couchdb_url, db)
     database = Server.from_config(config).database(config.db)
+    title = f"{config.display_url}{config.db}"
     try:
-        rows = database.view("after", "by_worker", group_level=2)["rows"]
+        data = view.summary(database)
     except NotFound:
         fail(f"database {config.db} has no _design/after at {config.display_url}: run `after push`")
-    counts: dict[str, dict[str, int]] = {}
-    for row in rows:
-        worker, task_status = row["key"]
-        counts.setdefault(worker, {})[task_status] = row["value"]
     if as_json:
-        click.echo(json.dumps({"database": config.db, "workers": counts}, indent=2, sort_keys=True))
+        click.echo(view.to_json(data))
+    elif watch:
         warn_if_admin_party(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            view.watch(
+                lambda: view.summary(database),
+                interval,
+                title=title,
+                console=console,
+                on_error=lambda exc: Text(f"not read ({exc}); trying again", style="red"),
+            )
         return
-    from after.tasks import STATUSES
-
-    table = Table("worker", *STATUSES, "total", title=f"tasks in {config.display_url}{config.db}")
-    totals = dict.fromkeys(STATUSES, 0)
-    for worker, by_status in sorted(counts.items()):
-        for key, value in by_status.items():
-            totals[key] = totals.get(key, 0) + value
-        table.add_row(
-            worker, *(str(by_status.get(s, 0)) for s in STATUSES), str(sum(by_status.values()))
-        )
-    table.add_row(
-        "[bold]all[/bold]", *(str(totals[s]) for s in STATUSES), str(sum(totals.values()))
-    )
-    console.print(table)
+    else:
+        console.print(view.render(data, title))
     warn_if_admin_party(config)
 
 

@@ -266,7 +266,8 @@ class Database:
         if not docs:
             return []
         for doc in docs:
-            doc.setdefault("_id", _new_id())
+            if "_id" not in doc:
+                doc["_id"] = _new_id()
         rows = self._json("POST", "_bulk_docs", body={"docs": docs})
         by_id: dict[str, list[dict[str, Any]]] = {}
         for row in rows:

@@ -28,6 +28,7 @@ import subprocess
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from after.tasks import Doc, Local, Step
 log = logging.getLogger("after.worker")
 
 DDOC = "after"
+CLAIM_FALLBACK = 1.0  # seconds before claiming a task another live instance should claim
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
 # For a task whose fields could not be parsed: it fails once, with the reason.
 NO_POLICY = runs.Policy(
@@ -175,6 +177,7 @@ class Worker:
         self.record: Doc = records.new_record(name, self.instance, tasks.now())
         # Leases of the other instances of this name, as last read: instance -> lease end.
         self.leases: dict[str, datetime] = {}
+        self.claim_order: list[str] = [self.instance]  # live instances of this name, sorted
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
         self.forgotten: OrderedDict[str, int] = OrderedDict()
@@ -184,7 +187,7 @@ class Worker:
         """Run until stop() (or SIGTERM/SIGINT when installed by the CLI)."""
         since = self._check_database()
         self._renew_record()  # our record exists before our first claim
-        self.leases = self._read_leases()[0]
+        self._set_leases(self._read_leases()[0])
         self.writer.start()
         self.timer.start()
         log.info(
@@ -280,8 +283,9 @@ class Worker:
         self._maybe_finish_stop()
 
     def _maybe_finish_stop(self) -> None:
-        busy = any(s.writing or s.local is Local.RUNNING for s in self.states.values())
-        if self.stopping.is_set() and not busy:
+        if not self.stopping.is_set():
+            return  # the usual case: no scan over every task on every write
+        if not any(s.writing or s.local is Local.RUNNING for s in self.states.values()):
             self.control.put(None)
 
     def _shutdown(self) -> None:
@@ -303,6 +307,11 @@ class Worker:
         )
 
     # -- records, leases, the horizon (the housekeeping thread) -----------------------
+    def _set_leases(self, leases: dict[str, datetime]) -> None:
+        self.leases = leases
+        now = tasks.now()
+        self.claim_order = sorted([self.instance, *(o for o, t in leases.items() if t > now)])
+
     def _owner_alive(self, owner: str) -> bool:
         until = self.leases.get(owner)
         return until is not None and until > tasks.now()
@@ -383,7 +392,7 @@ class Worker:
 
     def _leases_read(self, leases: dict[str, datetime]) -> None:
         """On the control thread: new leases; decide on tasks that waited for them."""
-        self.leases = leases
+        self._set_leases(leases)
         waiting, self.awaiting_peers = self.awaiting_peers, set()
         for task_id in waiting:
             state = self.states.get(task_id)
@@ -428,8 +437,9 @@ class Worker:
                 )
                 for change in changes:
                     since = change["seq"]
-                    if "doc" in change and not change.get("deleted"):
-                        self.control.put(lambda doc=change["doc"], seq=since: self._seen(doc, seq))
+                    doc = change.get("doc")
+                    if doc and not change.get("deleted") and not self._known(doc):
+                        self.control.put(lambda doc=doc, seq=since: self._seen(doc, seq))
                     backoff = 0.5
             except CouchError as exc:
                 if self.stopping.is_set():
@@ -440,6 +450,14 @@ class Worker:
                 backoff = min(backoff * 2, 30.0)
 
     # -- decisions ---------------------------------------------------------------
+    def _known(self, doc: Doc) -> bool:
+        """On the feed thread: an echo of our own write, or a version already seen?
+        Only a shortcut (the control thread checks again); it keeps the echoes of
+        a burst's writes out of the control queue."""
+        state = self.states.get(doc["_id"])
+        known = tasks.rev_number(state.doc["_rev"]) if state is not None else 0
+        return tasks.rev_number(doc["_rev"]) <= max(known, self.forgotten.get(doc["_id"], 0))
+
     def _seen(self, doc: Doc, seq: Any = None, fresh: bool = False) -> None:
         """A version of a task, from the feed or (fresh=True) just read from a view."""
         if seq is not None:
@@ -509,6 +527,12 @@ class Worker:
         if step is Step.CLAIM:
             if self.stopping.is_set():
                 return self._forget(task_id)
+            if doc.get("status") in ("waiting", "reschedule") and not self._claims_first(task_id):
+                # Another live instance claims this one first; take it only if it does not.
+                action = lambda: self.control.put(lambda: self._claim_if_still_free(task_id))  # noqa: E731
+                fallback = tasks.now() + timedelta(seconds=CLAIM_FALLBACK)
+                self.timer.schedule(fallback, action, key=("claim", task_id))
+                return
             self._unhold(task_id, state)
             if doc.get("status") == "scheduled":
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
@@ -531,7 +555,7 @@ class Worker:
                     state.ends_without_run = runs.skipped_fields(doc, plan)
             state.local, state.run_at = Local.HELD, due
             self.timer.schedule(
-                due - self.lead,
+                due - self._commit_lead(),
                 lambda: self.control.put(lambda: self._commit(task_id)),
                 key=task_id,
             )
@@ -578,8 +602,28 @@ class Worker:
             return self._recheck_later(task_id, min(delay * 2, 30.0))
         if latest is None:
             return self._forget(task_id)
+        if latest["_rev"] == state.doc["_rev"]:
+            return  # the feed brought it meanwhile, and it was decided on
         state.doc = latest
         self._decide(task_id, state)
+
+    def _commit_lead(self) -> timedelta:
+        """How long before its date a run is committed (`running` written): longer
+        when many tasks are held, so a burst's writes are done before it is due."""
+        return self.lead + timedelta(seconds=min(5.0, len(self.timer) / 4000))
+
+    def _claims_first(self, task_id: str) -> bool:
+        """Instances of one name share the claiming: each task has one live instance
+        that claims it at once, so they do not all race for every task."""
+        order = self.claim_order
+        return len(order) < 2 or order[zlib.crc32(task_id.encode()) % len(order)] == self.instance
+
+    def _claim_if_still_free(self, task_id: str) -> None:
+        state = self.states.get(task_id)
+        if state is None or state.writing or state.local is not Local.NONE:
+            return
+        if state.doc.get("status") in ("waiting", "reschedule") and not self.stopping.is_set():
+            self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
 
     def _unhold(self, task_id: str, state: TaskState) -> None:
         if state.local in (Local.HELD, Local.COMMITTED):
@@ -615,6 +659,10 @@ class Worker:
             if newer and task_id in self.states and _is_newer(newer, state.doc):
                 state.doc = newer
                 self._decide(task_id, state)
+        elif row.get("error") == "conflict" and not (newer and _is_newer(newer, doc)):
+            # Someone else wrote first (another instance's claim, a client's cancel):
+            # the feed brings that version in a moment; read it ourselves only if not.
+            self._recheck_later(task_id, delay=5.0)
         elif (latest := self._changed_since(task_id, doc, newer, row)) is not None:
             state.doc = latest
             self._decide(task_id, state)
