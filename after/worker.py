@@ -39,7 +39,7 @@ from typing import Any
 
 from after import records, runs, tasks
 from after.config import Config
-from after.couch import Conflict, CouchError, Database, NotFound, Server, Unreachable
+from after.couch import BulkWriter, Conflict, CouchError, NotFound, Server, Unreachable
 from after.jobs import JobContext, JobLoader, run_job, run_job_in_process
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step
@@ -78,60 +78,6 @@ class Stats:
     done: int = 0
     failed: int = 0
     canceled: int = 0
-
-
-class BulkWriter:
-    """Batches document writes through `_bulk_docs`, one result per document."""
-
-    def __init__(self, db: Database, max_batch: int = 1000) -> None:
-        self.db = db
-        self.max_batch = max_batch
-        self.queue: queue.Queue[tuple[Doc, Callable[[dict[str, Any]], None]] | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name="after-writer", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def write(self, doc: Doc, on_result: Callable[[dict[str, Any]], None]) -> None:
-        self.queue.put((doc, on_result))
-
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-
-    def _loop(self) -> None:
-        backoff = 0.5
-        pending: list[tuple[Doc, Callable[[dict[str, Any]], None]]] = []
-        stopping = False
-        while not (stopping and not pending):
-            if not pending:
-                item = self.queue.get()
-                if item is None:
-                    return
-                pending.append(item)
-            while len(pending) < self.max_batch:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                pending.append(item)
-            try:
-                rows = self.db.bulk_docs([doc for doc, _ in pending])
-            except CouchError as exc:
-                # Nothing is lost: the same batch is sent again once the server answers.
-                log.warning(
-                    "writing %d task(s) failed (%s); retrying in %.1fs", len(pending), exc, backoff
-                )
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            backoff = 0.5
-            for (_, on_result), row in zip(pending, rows, strict=True):
-                on_result(row)
-            pending = []
 
 
 class Worker:
