@@ -10,6 +10,9 @@ unique names and deletes afterwards.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +25,7 @@ from after import embedded
 from after.config import Config, split_credentials
 from after.couch import Database, Server
 from after.push import push
+from after.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +74,49 @@ def config(couch_url: str, db_name: str, tmp_path: Path) -> Config:
     return Config.from_env({}).override(
         couchdb_url=couch_url, db=db_name, jobs=REPO / "jobs", home=tmp_path / "home"
     )
+
+
+def after_cli(
+    env: dict[str, str], *args: str, timeout: float = 60, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """Run one short `after` command (python -m after) to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "after", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def start_worker(config: Config) -> Iterator[Callable[..., Worker]]:
+    """Start in-process workers on threads; all are stopped at the end of the test.
+
+    start_worker(name="manobi", config_=None, jobs=None, **Worker options)
+    """
+    running: list[tuple[Worker, threading.Thread]] = []
+
+    def start(
+        name: str = "manobi",
+        config_: Config | None = None,
+        jobs: Path | None = None,
+        **options: Any,
+    ) -> Worker:
+        base = config_ or config
+        worker = Worker(base.override(jobs=jobs) if jobs else base, name, **options)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        assert worker.ready.wait(15), "the worker did not start"
+        running.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, thread in running:
+        worker.stop()
+        thread.join(15)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import new_task, wait_for
+from conftest import after_cli, new_task, wait_for
 
 import after
 from after.couch import Database, Server
@@ -44,18 +44,6 @@ def iso(moment: datetime) -> str:
 
 def parse(value: str) -> datetime:
     return datetime.fromisoformat(value)
-
-
-def after_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run one short `after` command to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "after", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def pid_alive(pid: int) -> bool:

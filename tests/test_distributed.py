@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,36 +13,21 @@ from typing import Any
 
 import pytest
 from conftest import REPO, new_task, wait_for
-from test_worker import create, in_seconds, recording_jobs, wait_status
+from test_worker import StartWorker, create, in_seconds, recording_jobs, wait_status
 
 from after import embedded, records
 from after.config import Config
 from after.couch import Database, Forbidden, Server
 from after.push import push
 from after.tasks import parse_date
-from after.worker import Worker
 
 FAST = {"heartbeat": 0.3, "lease": 1.5}
 
 
 @pytest.fixture
-def start_worker(config: Config) -> Iterator[Callable[..., Worker]]:
-    running: list[tuple[Worker, threading.Thread]] = []
-
-    def start(name: str = "manobi", config_: Config | None = None, **options: Any) -> Worker:
-        jobs = options.pop("jobs", None)
-        base = config_ or config
-        worker = Worker(base.override(jobs=jobs) if jobs else base, name, **{**FAST, **options})
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        assert worker.ready.wait(15), "the worker did not start"
-        running.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in running:
-        worker.stop()
-        thread.join(15)
+def start_fast(start_worker: StartWorker) -> StartWorker:
+    """In-process workers with short heartbeats and leases, so takeovers come quickly."""
+    return lambda *args, **options: start_worker(*args, **{**FAST, **options})
 
 
 @pytest.fixture
@@ -85,8 +69,8 @@ def worker_records(db: Database, name: str = "manobi") -> list[dict[str, Any]]:
     return [r["doc"] for r in db.all_docs(include_docs=True, **records.name_range(name))["rows"]]
 
 
-def test_each_instance_keeps_a_record_with_a_lease(db: Database, start_worker) -> None:
-    worker = start_worker()
+def test_each_instance_keeps_a_record_with_a_lease(db: Database, start_fast) -> None:
+    worker = start_fast()
     record = wait_for(lambda: (r := db.get(records.record_id(worker.instance))) and r)
     assert record["type"] == "worker"
     assert record["name"] == "manobi"
@@ -114,11 +98,11 @@ def test_a_worker_record_must_name_its_instance(db: Database) -> None:
 
 
 def test_two_live_instances_run_each_task_exactly_once(
-    db: Database, start_worker, tmp_path: Path
+    db: Database, start_fast, tmp_path: Path
 ) -> None:
     jobs, runs = recording_jobs(tmp_path)
-    first = start_worker(jobs=jobs)
-    second = start_worker(jobs=jobs)
+    first = start_fast(jobs=jobs)
+    second = start_fast(jobs=jobs)
     ids = [
         create(db, date=in_seconds(0.5), job={"name": "record", "arguments": [n]})
         for n in range(60)
@@ -128,25 +112,25 @@ def test_two_live_instances_run_each_task_exactly_once(
     assert {d["owner"] for d in docs} <= {first.instance, second.instance}
 
 
-def test_a_live_instance_keeps_its_tasks(db: Database, start_worker) -> None:
-    holder = start_worker()
+def test_a_live_instance_keeps_its_tasks(db: Database, start_fast) -> None:
+    holder = start_fast()
     task_id = create(db, date=in_seconds(3))
     assert wait_status(db, task_id, "scheduled")["owner"] == holder.instance
-    start_worker()  # a second instance of the same name, alive and well
+    start_fast()  # a second instance of the same name, alive and well
     doc = wait_status(db, task_id, "done", timeout=15)
     assert doc["owner"] == holder.instance
     assert "takeovers" not in doc
 
 
 def test_tasks_of_a_killed_instance_are_taken_over_after_its_lease(
-    db: Database, start_worker, spawn
+    db: Database, start_fast, spawn
 ) -> None:
     victim = spawn()
     task_id = create(db, date=in_seconds(4))
     held = wait_status(db, task_id, "scheduled")
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
-    survivor = start_worker()
+    survivor = start_fast()
     doc = wait_status(db, task_id, "done", timeout=20)
     assert doc["owner"] == survivor.instance
     assert doc["takeovers"][-1]["from"] == held["owner"]
@@ -156,14 +140,14 @@ def test_tasks_of_a_killed_instance_are_taken_over_after_its_lease(
 
 
 def test_a_job_running_on_a_killed_instance_is_not_silently_rerun(
-    db: Database, start_worker, spawn
+    db: Database, start_fast, spawn
 ) -> None:
     victim = spawn()
     task_id = create(db, job={"name": "sleep", "arguments": [30]})
     running = wait_status(db, task_id, "running")
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
-    start_worker()
+    start_fast()
     doc = wait_status(db, task_id, "err", timeout=20)
     assert doc["error"]["type"] == "WorkerLost"
     assert running["owner"] in doc["error"]["message"]
@@ -175,8 +159,8 @@ def test_a_job_running_on_a_killed_instance_is_not_silently_rerun(
     assert doc["attempt"] == 1
 
 
-def test_tasks_beyond_the_horizon_stay_in_the_database(db: Database, start_worker) -> None:
-    worker = start_worker(horizon=2.0)
+def test_tasks_beyond_the_horizon_stay_in_the_database(db: Database, start_fast) -> None:
+    worker = start_fast(horizon=2.0)
     later = create(db, date=in_seconds(4))
     far = create(db, date=in_seconds(3600))
     soon = create(db, date=in_seconds(0.5))
@@ -189,8 +173,8 @@ def test_tasks_beyond_the_horizon_stay_in_the_database(db: Database, start_worke
     assert db.get(far)["status"] == "waiting"
 
 
-def test_a_reschedule_beyond_the_horizon_releases_the_task(db: Database, start_worker) -> None:
-    start_worker(horizon=5.0)
+def test_a_reschedule_beyond_the_horizon_releases_the_task(db: Database, start_fast) -> None:
+    start_fast(horizon=5.0)
     task_id = create(db, date=in_seconds(2))
     doc = wait_status(db, task_id, "scheduled")
     db.put({**doc, "status": "reschedule", "date": in_seconds(3600)})
@@ -198,18 +182,18 @@ def test_a_reschedule_beyond_the_horizon_releases_the_task(db: Database, start_w
     assert "owner" not in doc
 
 
-def test_start_up_reads_only_the_due_window(db: Database, start_worker) -> None:
+def test_start_up_reads_only_the_due_window(db: Database, start_fast) -> None:
     future = [
         new_task(date=(datetime.now(UTC) + timedelta(days=d)).isoformat()) for d in range(1, 301)
     ]
     db.bulk_docs(future)
     due = create(db, date="2020-01-01")
-    worker = start_worker(horizon=60.0)
+    worker = start_fast(horizon=60.0)
     wait_status(db, due, "done")
     assert len(worker.states) <= 1
 
 
-def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> None:
+def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_fast) -> None:
     """The server goes away and comes back on the same data: the worker converges."""
     port = embedded.free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -222,7 +206,7 @@ def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> 
         config = Config.from_env({}).override(
             couchdb_url=url, db="outage", jobs=REPO / "jobs", home=tmp_path / "home"
         )
-        start_worker(config_=config)
+        start_fast(config_=config)
         before = create(db)
         wait_status(db, before, "done")
         embedded.stop(process)
@@ -236,7 +220,7 @@ def test_the_worker_rides_out_a_server_restart(tmp_path: Path, start_worker) -> 
 
 
 def test_conflicting_claims_are_resolved_and_recorded(
-    server: Server, db_name: str, config: Config, start_worker
+    server: Server, db_name: str, config: Config, start_fast
 ) -> None:
     """As after a partition: two instances' claims both landed, as conflicting revisions.
 
@@ -261,7 +245,7 @@ def test_conflicting_claims_are_resolved_and_recorded(
         db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [other], "new_edits": False})
         assert db.get(task_id, conflicts=True).get("_conflicts"), "the test needs a real conflict"
         push(db)
-        start_worker(config_=config.override(db=db.name))
+        start_fast(config_=config.override(db=db.name))
         doc = wait_status(db, task_id, "done", timeout=20)
         assert len(doc["conflicts_resolved"]) == 1
         loser = doc["conflicts_resolved"][0]

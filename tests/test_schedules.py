@@ -7,12 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from conftest import wait_for
-from test_worker import StartWorker, create, in_seconds, start_worker, wait_status
+from test_worker import StartWorker, create, in_seconds, wait_status
 
 from after.couch import Database
 from after.tasks import iso, parse_date
-
-__all__ = ["start_worker"]  # the fixture, shared with test_worker
 
 
 def ms(delta: timedelta) -> float:

@@ -13,17 +13,15 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import REPO, new_task, wait_for
+from conftest import REPO, after_cli, new_task, wait_for
 from test_roles import PUBLIC, Users, after_users
 
 from after import embedded
@@ -33,20 +31,6 @@ from after.push import push
 from after.security import LOCK_COMMAND, admin_party, security_object, user_context
 
 WARNING = 'is in "admin party"'
-
-
-def after(
-    env: dict[str, str], *args: str, timeout: float = 60, **kwargs: Any
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "after", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        **kwargs,
-    )
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -240,7 +224,7 @@ def test_the_cli_refuses_a_readable_file_with_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path / "config.toml", 0o644, user="after", password="file-secret")
     env = clean_env(AFTER_CONFIG=str(path), AFTER_HOME=str(tmp_path))
     for command in (["status"], ["list"], ["push"]):
-        result = after(env, *command)
+        result = after_cli(env, *command)
         assert result.returncode != 0
         assert "Traceback" not in output(result)
         assert f"chmod 600 {path}" in result.stderr
@@ -315,13 +299,13 @@ def test_status_and_list_work_for_a_client_and_never_show_its_password(
     server.database(secured).post(new_task(worker=worker, date="2030-01-01"))
     env = cli_envs(couch_url, secured, users, tmp_path)[how]
 
-    counts = after(env, "status", "--json")
+    counts = after_cli(env, "status", "--json")
     assert counts.returncode == 0, counts.stderr
     assert json.loads(counts.stdout)["workers"][worker] == {"waiting": 1}
-    table = after(env, "status")
+    table = after_cli(env, "status")
     assert table.returncode == 0, table.stderr
     assert f"{name}:***@" in table.stdout, "the URL is shown, with the password redacted"
-    listing = after(env, "list")
+    listing = after_cli(env, "list")
     assert listing.returncode == 0, listing.stderr
     assert f"{name}:***@" in listing.stdout
     for result in (counts, table, listing):
@@ -336,10 +320,10 @@ def test_refusals_name_the_url_without_the_password(
     """A client is not a server admin: push and setup are refused, in one clear line."""
     name, password = users.credentials["client"]
     env = cli_envs(couch_url, secured, users, tmp_path)[how]
-    pushed = after(env, "push", "--db", f"after-test-never-{uuid.uuid4().hex[:8]}")
+    pushed = after_cli(env, "push", "--db", f"after-test-never-{uuid.uuid4().hex[:8]}")
     assert pushed.returncode != 0 and "Traceback" not in output(pushed)
     assert f"{name}:***@" in pushed.stderr
-    set_up = after({**env, "AFTER_USER_PASSWORD": "new-user-secret"}, "setup", "--user", "x")
+    set_up = after_cli({**env, "AFTER_USER_PASSWORD": "new-user-secret"}, "setup", "--user", "x")
     assert set_up.returncode != 0 and "needs a server admin" in set_up.stderr
     assert f"user {name}" in set_up.stderr
     for result in (pushed, set_up):
@@ -357,7 +341,7 @@ def test_a_wrong_password_is_refused_without_showing_it(
         AFTER_HOME=str(tmp_path),
     )
     for auth in ("basic", "cookie"):
-        result = after({**env, "AFTER_COUCHDB_AUTH": auth}, "status")
+        result = after_cli({**env, "AFTER_COUCHDB_AUTH": auth}, "status")
         assert result.returncode != 0 and "Traceback" not in output(result)
         assert "401" in result.stderr and f"{name}:***@" in result.stderr
         assert "wrong-secret-123" not in output(result)
@@ -384,17 +368,17 @@ def test_a_worker_daemon_runs_as_the_worker_role_and_logs_no_password(
     task_id, _ = server.database(secured).post(
         new_task(worker=worker, job={"name": "echo", "arguments": ["hi"]}, date="2000-01-01")
     )
-    started = after(env, "start", worker)
+    started = after_cli(env, "start", worker)
     try:
         assert started.returncode == 0, output(started)
         tasks = server.database(secured)
         done = wait_for(lambda: (doc := tasks.get(task_id))["status"] == "done" and doc, 30)
         assert done["result"] == ["hi"]
         assert done["owner"].startswith(f"{worker}@"), "the claim was the worker user's write"
-        listing = after(env, "list")
+        listing = after_cli(env, "list")
         assert worker in listing.stdout
     finally:
-        stopped = after(env, "stop", worker)
+        stopped = after_cli(env, "stop", worker)
     assert stopped.returncode == 0, output(stopped)
     log = (home / "workers" / f"{worker}.log").read_text()
     for text in (started.stdout, started.stderr, listing.stdout, stopped.stdout, log):
@@ -408,10 +392,10 @@ def test_status_warns_when_the_server_is_in_admin_party(
     couch_url: str, server: Server, secured: str, party: bool, tmp_path: Path
 ) -> None:
     env = clean_env(AFTER_COUCHDB_URL=couch_url, AFTER_DB=secured, AFTER_HOME=str(tmp_path))
-    counts = after(env, "status", "--json")
+    counts = after_cli(env, "status", "--json")
     assert counts.returncode == 0, counts.stderr
     assert json.loads(counts.stdout)["database"] == secured, "stdout stays pure JSON"
-    table = after(env, "status")
+    table = after_cli(env, "status")
     assert table.returncode == 0, table.stderr
     for result in (counts, table):
         warnings = [line for line in result.stderr.splitlines() if WARNING in line]
@@ -434,7 +418,7 @@ def test_status_does_not_warn_about_a_server_with_an_admin(locked: Locked, tmp_p
         AFTER_DB=locked.db,
         AFTER_HOME=str(tmp_path),
     )
-    result = after(env, "status")
+    result = after_cli(env, "status")
     assert result.returncode == 0, result.stderr
     assert WARNING not in output(result)
     assert f"{admin_name}:***@" in result.stdout and admin_password not in output(result)
@@ -445,7 +429,7 @@ def embedded_home(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
     """AFTER_HOME for `after couchdb` daemons; whatever runs there is stopped at the end."""
     env = clean_env(AFTER_HOME=str(tmp_path / "home"))
     yield env, embedded.free_port()
-    after(env, "couchdb", "stop")
+    after_cli(env, "couchdb", "stop")
 
 
 def anonymous_roles(url: str) -> list[str]:
@@ -457,14 +441,16 @@ def test_lock_gives_a_running_daemon_an_admin_and_restarts_it(
 ) -> None:
     env, port = embedded_home
     url = f"http://127.0.0.1:{port}/"
-    started = after(env, "couchdb", "--daemon", "--port", str(port))
+    started = after_cli(env, "couchdb", "--daemon", "--port", str(port))
     assert started.returncode == 0, output(started)
     assert admin_party(url)
     home = Path(env["AFTER_HOME"])
     old_pid = int((home / "couchdb.pid").read_text())
 
     password = secrets.token_urlsafe(12)
-    locked = after({**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock", "--user", "root")
+    locked = after_cli(
+        {**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock", "--user", "root"
+    )
     assert locked.returncode == 0, output(locked)
     assert "locked" in locked.stdout and url in locked.stdout
     assert password not in output(locked)
@@ -485,11 +471,11 @@ def test_lock_before_the_server_starts_applies_when_it_starts(
 ) -> None:
     env, port = embedded_home
     password = secrets.token_urlsafe(12)
-    locked = after({**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock")
+    locked = after_cli({**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock")
     assert locked.returncode == 0, output(locked)
     assert "applies when the embedded server starts" in locked.stdout
     assert password not in output(locked)
-    started = after(env, "couchdb", "--daemon", "--port", str(port))
+    started = after_cli(env, "couchdb", "--daemon", "--port", str(port))
     assert started.returncode == 0, output(started)
     url = f"http://127.0.0.1:{port}/"
     assert not admin_party(url)
@@ -500,11 +486,11 @@ def test_lock_reads_the_password_from_a_prompt_never_from_an_argument(
     embedded_home: tuple[dict[str, str], int],
 ) -> None:
     env, _ = embedded_home
-    argument = after(env, "couchdb", "lock", "--password", "on-the-command-line")
+    argument = after_cli(env, "couchdb", "lock", "--password", "on-the-command-line")
     assert argument.returncode == 2 and "No such option" in argument.stderr
     password = secrets.token_urlsafe(12)
     # Without a terminal (a new session), the hidden prompt reads stdin.
-    prompted = after(
+    prompted = after_cli(
         env, "couchdb", "lock", input=f"{password}\n{password}\n", start_new_session=True
     )
     assert prompted.returncode == 0, output(prompted)
@@ -525,7 +511,7 @@ def test_setup_on_a_locked_server_leaves_anonymous_requests_refused(
         AFTER_HOME=str(tmp_path),
         AFTER_USER_PASSWORD="user-secret-1",
     )
-    result = after(env, "setup", "--user", user, "--role", "client")
+    result = after_cli(env, "setup", "--user", user, "--role", "client")
     assert result.returncode == 0, output(result)
     assert f"anonymous requests to {db} are refused (401)" in result.stdout
     assert WARNING not in output(result)

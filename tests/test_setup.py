@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import requests
-from conftest import REPO
+from conftest import after_cli
 
 from after import embedded
 from after.couch import Server
 from after.security import ROLES
-
-
-def after(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "after", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def test_setup_creates_the_database_a_worker_user_and_the_security(
@@ -38,7 +25,7 @@ def test_setup_creates_the_database_a_worker_user_and_the_security(
         "AFTER_USER_PASSWORD": "s3cret-pass",
     }
     try:
-        result = after("setup", "--user", user, "--role", "worker", env=env)
+        result = after_cli(env, "setup", "--user", user, "--role", "worker")
         assert result.returncode == 0, result.stderr
         assert "s3cret-pass" not in result.stdout + result.stderr
         assert f"user {user} has role {ROLES['worker']}" in result.stdout
@@ -52,7 +39,7 @@ def test_setup_creates_the_database_a_worker_user_and_the_security(
         assert session["userCtx"]["name"] == user
         assert ROLES["worker"] in session["userCtx"]["roles"]
         # Running it again updates the user instead of failing.
-        assert after("setup", "--user", user, env=env).returncode == 0
+        assert after_cli(env, "setup", "--user", user).returncode == 0
     finally:
         users = server.database("_users")
         doc = users.get(f"org.couchdb.user:{user}")
@@ -67,17 +54,17 @@ def test_setup_creates_the_database_a_worker_user_and_the_security(
 def test_the_embedded_server_runs_as_a_daemon_and_stops(tmp_path: Path) -> None:
     port = embedded.free_port()
     env = {**os.environ, "AFTER_HOME": str(tmp_path)}
-    started = after("couchdb", "--daemon", "--port", str(port), env=env)
+    started = after_cli(env, "couchdb", "--daemon", "--port", str(port))
     url = f"http://127.0.0.1:{port}/"
     try:
         assert started.returncode == 0, started.stderr
         assert url in started.stdout
         assert requests.get(url + "_all_dbs", timeout=5).status_code == 200
         assert (tmp_path / "couchdb").is_dir()
-        again = after("couchdb", "--daemon", "--port", str(port), env=env)
+        again = after_cli(env, "couchdb", "--daemon", "--port", str(port))
         assert "already running" in again.stdout
     finally:
-        stopped = after("couchdb", "stop", env=env)
+        stopped = after_cli(env, "couchdb", "stop")
     assert stopped.returncode == 0, stopped.stderr
     try:
         requests.get(url, timeout=2)
@@ -85,4 +72,4 @@ def test_the_embedded_server_runs_as_a_daemon_and_stops(tmp_path: Path) -> None:
     except requests.ConnectionError:
         still_up = False
     assert not still_up
-    assert after("couchdb", "stop", env=env).returncode != 0
+    assert after_cli(env, "couchdb", "stop").returncode != 0

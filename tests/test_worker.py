@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import REPO, new_task, wait_for
 
 from after.config import Config
@@ -16,27 +14,7 @@ from after.couch import Database
 from after.tasks import iso, parse_date
 from after.worker import Worker
 
-StartWorker = Callable[..., Worker]
-
-
-@pytest.fixture
-def start_worker(config: Config) -> Iterator[StartWorker]:
-    """Start in-process workers on a thread; all are stopped at the end of the test."""
-    running: list[tuple[Worker, threading.Thread]] = []
-
-    def start(name: str = "manobi", **options: Any) -> Worker:
-        jobs = options.pop("jobs", None)
-        worker = Worker(config.override(jobs=jobs) if jobs else config, name, **options)
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        assert worker.ready.wait(15), "the worker did not start"
-        running.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in running:
-        worker.stop()
-        thread.join(15)
+StartWorker = Callable[..., Worker]  # the start_worker fixture of conftest.py
 
 
 def in_seconds(seconds: float) -> str:
