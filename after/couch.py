@@ -9,6 +9,7 @@ truncate silently).
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import queue
@@ -188,6 +189,18 @@ class Server:
 
     def database(self, name: str) -> Database:
         return Database(self, name)
+
+    def clock_skew(self) -> float | None:
+        """Seconds the server's clock is ahead of ours, from its `Date` header
+        (whole seconds, so within about half a second); None without the header."""
+        before = time.time()
+        response = self.request("GET", "")
+        after = time.time()
+        header = response.headers.get("Date")
+        if not header:
+            return None
+        server = email.utils.parsedate_to_datetime(header).timestamp() + 0.5
+        return server - (before + after) / 2
 
     def welcome(self) -> dict[str, Any]:
         return self.json("GET", "")

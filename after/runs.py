@@ -137,9 +137,21 @@ def after_run_update(
     """
     spawned = spawned or []
     failed = bool(outcome.get("error"))
+    attempt = int(doc.get("attempt", 1))
+    # Every run leaves a record, kept in the task as a capped list: one write per
+    # run either way, and no extra document to fetch when a task is shown.
+    entry = {
+        "occurrence": iso(occurrence_of(doc)),
+        "attempt": attempt,
+        "instance": doc.get("owner"),
+        "status": "canceled" if doc.get("status") == "cancel" else "err" if failed else "done",
+        **{k: outcome.get(k) for k in ("started_at", "finished_at", "duration_ms")},
+    }
+    if failed:
+        entry["error"] = str(outcome["error"].get("message", ""))[:200]
+    doc = {**doc, "history": [*doc.get("history", []), entry][-HISTORY:]}
     if doc.get("status") == "cancel":
         return outcome_update(doc, outcome)
-    attempt = int(doc.get("attempt", 1))
     if failed and policy.retry is not None:
         retry_at = next_attempt(policy.retry, attempt, now, rng)
         if retry_at is not None:
@@ -155,21 +167,7 @@ def after_run_update(
     if policy.repeat is None:
         return outcome_update(doc, outcome)
     runs = int(doc.get("runs", 0)) + 1 + len(spawned)
-    entry = {
-        "occurrence": iso(occurrence_of(doc)),
-        "attempt": attempt,
-        "status": "err" if failed else "done",
-        **{k: outcome.get(k) for k in ("started_at", "finished_at", "duration_ms")},
-    }
-    if failed:
-        entry["error"] = outcome["error"].get("message", "")
-    ran = _update(
-        doc,
-        **outcome,
-        runs=runs,
-        anchor=iso(anchor_of(doc)),
-        history=[*doc.get("history", []), entry][-HISTORY:],
-    )
+    ran = _update(doc, **outcome, runs=runs, anchor=iso(anchor_of(doc)))
     last = max([occurrence_of(doc), *spawned])
     started = parse_date(outcome["started_at"]) if outcome.get("started_at") else now
     # Occurrences missed before this run started follow the misfire policy (a

@@ -171,15 +171,22 @@ def canceled_update(doc: Doc, at: datetime) -> Doc:
     return _update(doc, status="canceled", canceled_at=iso(at))
 
 
-def lost_update(doc: Doc, at: datetime) -> Doc:
-    error = {
-        "type": "WorkerLost",
-        "message": f"worker lost: instance {doc.get('owner')} stopped while the job was running; "
-        "the job may have run in part (set status to reschedule to run it again)",
+def lost_outcome(doc: Doc, at: datetime) -> dict[str, Any]:
+    """The outcome of a run whose instance died: it failed with "worker lost"."""
+    return {
+        "error": {
+            "type": "WorkerLost",
+            "message": f"worker lost: instance {doc.get('owner')} stopped while the job was "
+            "running; the job may have run in part (set status to reschedule to run it again)",
+        },
+        "result": None,
+        "finished_at": iso(at),
     }
-    return _update(
-        doc, status="err", error=error, finished_at=iso(at), takeovers=_takeovers(doc, at)
-    )
+
+
+def taken_over(doc: Doc, at: datetime) -> Doc:
+    """The task with the takeover from its current owner recorded."""
+    return {**doc, "takeovers": _takeovers(doc, at)}
 
 
 def outcome_fields(

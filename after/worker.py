@@ -47,6 +47,8 @@ from after.tasks import Doc, Local, Step
 log = logging.getLogger("after.worker")
 
 DDOC = "after"
+CLOCK_CHECK_EVERY = 60.0  # seconds between comparisons with the server's clock
+CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
 CLAIM_FALLBACK = 1.0  # seconds before claiming a task another live instance should claim
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
 # For a task whose fields could not be parsed: it fails once, with the reason.
@@ -117,6 +119,8 @@ class Worker:
         self.states: dict[str, TaskState] = {}
         self.stats = Stats()
         self.stopping = threading.Event()
+        self.finished = threading.Event()  # set once the worker has shut down
+        self.keeper: threading.Thread | None = None
         self.ready = threading.Event()
         self.last_seq: Any = None
         self._state_written = 0.0
@@ -147,8 +151,10 @@ class Worker:
         self._read_current_state()
         feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
         feed.start()
-        keeper = threading.Thread(target=self._housekeep, name="after-housekeeping", daemon=True)
-        keeper.start()
+        self.keeper = threading.Thread(
+            target=self._housekeep, name="after-housekeeping", daemon=True
+        )
+        self.keeper.start()
         self.ready.set()
         self._write_state_file(force=True)
         try:
@@ -175,8 +181,17 @@ class Worker:
             self.control.put(self._begin_stop)
 
     def install_signal_handlers(self) -> None:
+        """The first SIGTERM/SIGINT stops gracefully; a second one stops at once
+        (held tasks are then taken over by other instances when the lease runs out)."""
+
+        def on_signal(signum: int, frame: object) -> None:
+            if self.stopping.is_set():
+                log.warning("second signal: stopping at once, without waiting for jobs")
+                os._exit(1)
+            self.stop()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stop())
+            signal.signal(signum, on_signal)
 
     def _check_database(self) -> Any:
         """Fail fast with a clear error; return the sequence to follow changes from."""
@@ -239,6 +254,10 @@ class Worker:
         self.executor.shutdown(wait=True)
         self.writer.stop()
         self.jobs.close()
+        self.finished.set()
+        self.peers_wanted.set()  # wake the housekeeping thread from its wait
+        if self.keeper is not None:
+            self.keeper.join(timeout=self.heartbeat + 30)  # no renewal after "stopped"
         try:
             self._put_record(records.stopped(self.record, tasks.now(), self._counts()))
         except CouchError as exc:
@@ -310,12 +329,25 @@ class Worker:
         return leases, expired
 
     def _housekeep(self) -> None:
-        """Renew our lease, watch the peers' leases, sweep the horizon; never exits."""
-        next_beat = next_sweep = time.monotonic()
+        """Renew our lease, watch the peers' leases, sweep the horizon.
+
+        Runs until the worker has shut down: a graceful stop may wait minutes for
+        running jobs, and their lease must not run out meanwhile.
+        """
+        next_beat = next_sweep = next_clock_check = time.monotonic()
         backoff = 0.5
-        while not self.stopping.is_set():
+        while not self.finished.is_set():
             try:
                 now = time.monotonic()
+                if now >= next_clock_check:
+                    self._check_clock()
+                    next_clock_check = now + CLOCK_CHECK_EVERY
+                if self.stopping.is_set():  # renew only: claim and take over nothing more
+                    if now >= next_beat:
+                        self._renew_record()
+                        next_beat = now + self.heartbeat
+                    self.finished.wait(max(0.0, next_beat - time.monotonic()))
+                    continue
                 if now >= next_beat or self.peers_wanted.is_set():
                     self.peers_wanted.clear()
                     if now >= next_beat:
@@ -335,6 +367,18 @@ class Worker:
                 wait, backoff = backoff, min(backoff * 2, 30.0)
             if wait > 0:
                 self.peers_wanted.wait(wait)
+
+    def _check_clock(self) -> None:
+        """Leases compare one instance's clock with another's: warn when ours is off."""
+        skew = self.server.clock_skew()
+        if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
+            log.warning(
+                "this machine's clock is %.1f s %s the CouchDB server's; leases (%s s) and "
+                "due times depend on clocks that agree: sync it (NTP)",
+                abs(skew),
+                "behind" if skew > 0 else "ahead of",
+                self.lease.total_seconds(),
+            )
 
     def _leases_read(self, leases: dict[str, datetime]) -> None:
         """On the control thread: new leases; decide on tasks that waited for them."""
@@ -524,11 +568,19 @@ class Worker:
                 )
         elif step is Step.LOST:
             log.warning(
-                "task %s was running under %s, whose lease ran out: marking it err",
+                "task %s was running under %s, whose lease ran out: its run failed (worker lost)",
                 task_id,
                 doc.get("owner"),
             )
-            self._write(task_id, tasks.lost_update(doc, tasks.now()))
+            try:
+                policy = runs.policy_of(doc)
+            except ValueError:
+                policy = NO_POLICY
+            now = tasks.now()
+            lost = runs.after_run_update(
+                tasks.taken_over(doc, now), policy, tasks.lost_outcome(doc, now), now
+            )
+            self._write(task_id, lost)  # err, or waiting for its retry or next occurrence
         elif step is Step.FORGET:
             self._forget(task_id)
 

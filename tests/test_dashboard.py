@@ -143,7 +143,7 @@ def chromium_problem() -> str | None:
     return None if Path(CHROMIUM).exists() else f"{CHROMIUM} is still missing after apt-get"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # closed after this file: Playwright keeps an event loop running
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip(
         "playwright.sync_api",

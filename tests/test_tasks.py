@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from after import tasks
+from after import runs, tasks
 from after.tasks import Local, Step, next_step
 
 ME = "manobi@host:1:aaaa"
@@ -61,6 +61,26 @@ def test_every_status_has_a_decision() -> None:
             assert isinstance(next_step(doc(status, OTHER), ME, local), Step)
 
 
+def lost(task: dict[str, object], now: datetime) -> dict[str, object]:
+    """What a worker writes for a task whose instance died mid-run."""
+    return runs.after_run_update(
+        tasks.taken_over(task, now), runs.policy_of(task), tasks.lost_outcome(task, now), now
+    )
+
+
+def test_a_lost_run_fails_or_is_retried_by_its_policy() -> None:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    failed = lost(doc("running", OTHER, attempt=1), now)
+    assert failed["status"] == "err"
+    assert failed["error"]["type"] == "WorkerLost"
+    assert failed["takeovers"][-1]["from"] == OTHER
+    assert failed["history"][-1]["instance"] == OTHER
+    retried = lost(doc("running", OTHER, attempt=1, retry={"limit": 2, "jitter": False}), now)
+    assert retried["status"] == "waiting"
+    assert tasks.parse_date(retried["date"]) == now + timedelta(seconds=10)  # the first delay
+    assert "owner" not in retried
+
+
 def test_the_steps_write_only_transitions_the_table_allows() -> None:
     """Each document a step writes moves the task along an edge of rules.json."""
     now = datetime(2026, 12, 1, tzinfo=UTC)
@@ -70,7 +90,7 @@ def test_the_steps_write_only_transitions_the_table_allows() -> None:
         ("scheduled", tasks.running_update(doc("scheduled", ME), ME)),
         ("scheduled", tasks.hand_back_update(doc("scheduled", ME))),
         ("cancel", tasks.canceled_update(doc("cancel"), now)),
-        ("running", tasks.lost_update(doc("running", OTHER), now)),
+        ("running", lost(doc("running", OTHER), now)),
         ("running", tasks.outcome_update(doc("running", ME), {"result": 1})),
         ("running", tasks.outcome_update(doc("running", ME), {"error": {"type": "X"}})),
         ("cancel", tasks.outcome_update(doc("cancel", ME), {"result": 1})),
