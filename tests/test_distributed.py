@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from after.config import Config
 from after.couch import Database, Forbidden, Server
 from after.push import push
 from after.tasks import parse_date
+from after.worker import Worker
 
 FAST = {"heartbeat": 0.3, "lease": 1.5}
 
@@ -254,3 +256,40 @@ def test_conflicting_claims_are_resolved_and_recorded(
         assert not db.get(task_id, conflicts=True).get("_conflicts")
     finally:
         db.delete()
+
+
+def test_a_second_signal_stops_at_once(db: Database, spawn) -> None:
+    worker = spawn()
+    task_id = create(db, job={"name": "sleep", "arguments": [60]})
+    wait_status(db, task_id, "running")
+    worker.send_signal(signal.SIGTERM)  # graceful: would wait for the job
+    with pytest.raises(subprocess.TimeoutExpired):
+        worker.wait(1.0)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(10) == 1
+    assert db.get(task_id)["status"] == "running"  # left for a takeover, not lost silently
+
+
+def test_a_worker_keeps_its_lease_while_a_graceful_stop_waits_for_a_job(
+    db: Database, start_fast
+) -> None:
+    worker = start_fast()
+    task_id = create(db, job={"name": "sleep", "arguments": [3]})
+    wait_status(db, task_id, "running")
+    worker.stop()
+    time.sleep(2.5)  # longer than the lease: it must have been renewed meanwhile
+    record = db.get(records.record_id(worker.instance))
+    assert parse_date(record["lease_until"]) > datetime.now(UTC)
+    assert wait_status(db, task_id, "done")["owner"] == worker.instance
+    wait_for(lambda: db.get(records.record_id(worker.instance))["state"] == "stopped")
+
+
+def test_a_clock_far_from_the_servers_is_reported(
+    config: Config, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Worker(config, "manobi")
+    assert abs(worker.server.clock_skew() or 0) < 2  # this machine's clock is the server's
+    worker.server.clock_skew = lambda: -7.5  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="after.worker"):
+        worker._check_clock()
+    assert "clock is 7.5 s ahead of the CouchDB server's" in caplog.text
