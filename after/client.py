@@ -17,6 +17,7 @@ that no worker has taken up yet) is re-read for a few seconds before we give up.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -45,8 +46,6 @@ ERROR_SUMMARY = 120  # characters of an error message in a listing
 # Simple durations: 30s, 5m, 1h, 2d, 1w and their combinations (1h30m). `m` is
 # minutes here; months exist only in the ISO form (P1M).
 _SIMPLE = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
-# Python's float parser takes NaN and Infinity, which are not JSON: those stay strings.
-_NOT_JSON = object()
 
 
 class ClientError(ValueError):
@@ -70,14 +69,14 @@ def parse_duration(text: str, option: str = "duration") -> str:
             if amount
         )
         value = "P" + date + (f"T{clock}" if clock else "")
-    value = value.upper()
     try:
-        parse_span(value)
-    except ValueError as exc:
+        parse_span(value.upper())
+    except ValueError:
         raise ClientError(
-            f"{option}: {exc} (or a simple form such as 30s, 5m, 1h, 2d, 1w, 1h30m)"
+            f"{option}: {text!r} is not a duration: use ISO 8601 (PT30S, PT1H, P1D) or a "
+            "simple form (30s, 5m, 1h, 2d, 1w, 1h30m)"
         ) from None
-    return value
+    return value.upper()
 
 
 def zone(name: str, option: str = "--tz") -> tzinfo:
@@ -109,13 +108,20 @@ def parse_argument(text: str) -> Any:
     """A job argument: its JSON value where it parses (3, true, null, [1], {"a": 1},
     "quoted"), else the text itself."""
 
-    def refuse(_: str) -> Any:
-        raise ValueError
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # 1e400: not a number JSON can carry
+            raise ValueError(number)
+        return value
 
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=_refuse, parse_float=finite)
     except ValueError:
         return text
+
+
+def _refuse(constant: str) -> Any:
+    raise ValueError(constant)  # NaN, Infinity: Python reads them, JSON has no such values
 
 
 def add_duration(moment: datetime, iso_duration: str) -> datetime:
@@ -417,11 +423,30 @@ def _compact(value: Any, width: int = 200) -> str:
 
 # Rows of `after show`, in this order; anything else a task carries follows.
 _SHOWN = (
-    "status", "worker", "job", "date", "repeat", "misfire", "overlap", "retry", "timeout",
-    "owner", "claimed_at", "attempt", "runs", "anchor", "occurrence", "skipped",
-    "last_skipped", "started_at", "finished_at", "duration_ms", "result", "error",
+    "status",
+    "worker",
+    "job",
+    "date",
+    "repeat",
+    "misfire",
+    "overlap",
+    "retry",
+    "timeout",
+    "owner",
+    "claimed_at",
+    "attempt",
+    "runs",
+    "anchor",
+    "occurrence",
+    "skipped",
+    "last_skipped",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "result",
+    "error",
     "canceled_at",
-)  # fmt: skip
+)
 _HIDDEN = ("_id", "_rev", "history", "takeovers", "conflicts_resolved")
 
 
@@ -541,9 +566,16 @@ def task_runs(doc: Doc) -> list[dict[str, Any]]:
     for entry in reversed(entries):
         run = {
             key: entry.get(key)
-            for key in ("started_at", "finished_at", "duration_ms", "status", "instance",
-                        "attempt", "occurrence")
-        }  # fmt: skip
+            for key in (
+                "started_at",
+                "finished_at",
+                "duration_ms",
+                "status",
+                "instance",
+                "attempt",
+                "occurrence",
+            )
+        }
         run["error"] = _error_summary(entry.get("error"))
         runs.append(run)
     return runs
@@ -577,16 +609,15 @@ def _outcome(status: Any) -> Text:
     return Text(str(status or ""), style=style)
 
 
-def render_runs(runs: list[dict[str, Any]], title: str, extra: str | None = None) -> Table:
-    """Runs as a table; `extra` adds a column (task, job or worker of each run)."""
+def render_runs(runs: list[dict[str, Any]], title: str, extra: Sequence[str] = ()) -> Table:
+    """Runs as a table; `extra` columns (job, worker, task of each run) come first."""
     table = Table(title=title, title_justify="left")
     columns = ["start", "end", "duration", "outcome", "error", "instance", "attempt", "occurrence"]
-    if extra:
-        columns = [extra, *columns]
-    for column in columns:
+    for column in [*extra, *columns]:
         table.add_column(column, overflow="fold")
     for run in runs:
-        cells: list[Any] = [
+        table.add_row(
+            *(str(run.get(column) or "") for column in extra),
             _when(run.get("started_at")),
             _when(run.get("finished_at")),
             _duration(run.get("duration_ms")),
@@ -595,8 +626,5 @@ def render_runs(runs: list[dict[str, Any]], title: str, extra: str | None = None
             str(run.get("instance") or ""),
             str(run.get("attempt") or ""),
             _when(run.get("occurrence")),
-        ]
-        if extra:
-            cells.insert(0, str(run.get(extra) or ""))
-        table.add_row(*cells)
+        )
     return table

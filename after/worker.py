@@ -120,6 +120,7 @@ class Worker:
         self.stats = Stats()
         self.stopping = threading.Event()
         self.finished = threading.Event()  # set once the worker has shut down
+        self.start_lock = threading.Lock()
         self.keeper: threading.Thread | None = None
         self.ready = threading.Event()
         self.last_seq: Any = None
@@ -238,9 +239,9 @@ class Worker:
         log.info("stopping: handing back held tasks, letting running jobs finish")
         for task_id, state in list(self.states.items()):
             if state.local in (Local.HELD, Local.COMMITTED) and not state.writing:
-                self.timer.cancel(task_id)
-                state.local = Local.NONE
-                self._write(task_id, tasks.hand_back_update(state.doc))
+                self._unhold(task_id, state)
+                if state.local is Local.NONE:  # not started meanwhile
+                    self._write(task_id, tasks.hand_back_update(state.doc))
         self._maybe_finish_stop()
 
     def _maybe_finish_stop(self) -> None:
@@ -554,6 +555,8 @@ class Worker:
             self._write(task_id, tasks.hand_back_update(doc))
         elif step is Step.CANCEL:
             self._unhold(task_id, state)
+            if state.local is Local.RUNNING:  # the timer started it a moment ago
+                return self._decide(task_id, state)  # -> cancel after the run
             self._write(task_id, tasks.canceled_update(doc, tasks.now()))
         elif step is Step.CANCEL_AFTER_RUN:
             state.cancel_requested = True
@@ -624,9 +627,10 @@ class Worker:
             self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
 
     def _unhold(self, task_id: str, state: TaskState) -> None:
-        if state.local in (Local.HELD, Local.COMMITTED):
-            self.timer.cancel(task_id)
-            state.local = Local.NONE
+        with self.start_lock:  # not while the timer thread is starting it
+            if state.local in (Local.HELD, Local.COMMITTED):
+                self.timer.cancel(task_id)
+                state.local = Local.NONE
 
     def _forget(self, task_id: str) -> None:
         state = self.states.pop(task_id, None)
@@ -697,9 +701,7 @@ class Worker:
         if status == "running" and state.local is Local.HELD:  # our commit landed
             state.local = Local.COMMITTED
             due = state.run_at or tasks.parse_date(state.doc["date"])
-            self.timer.schedule(
-                due, lambda: self.control.put(lambda: self._start(task_id)), key=task_id
-            )
+            self.timer.schedule(due, lambda: self._start_now(task_id), key=task_id)
         elif status in ("done", "err", "canceled"):
             if status == "done":
                 self.stats.done += 1
@@ -725,8 +727,33 @@ class Worker:
             return
         self._write(task_id, tasks.running_update(state.doc, self.instance))
 
+    def _start_now(self, task_id: str) -> None:
+        """On the timer thread, at the due time: start the job straight away.
+
+        This is the one state change made outside the control thread, so that a
+        start never waits behind the control queue; `start_lock` orders it with
+        the control thread's moves out of COMMITTED (a cancel, a stop).
+        """
+        with self.start_lock:
+            state = self.states.get(task_id)
+            ready = (
+                state is not None
+                and state.local is Local.COMMITTED
+                and not state.writing
+                and not self.stopping.is_set()
+            )
+            if ready:
+                state.local, state.spawned = Local.RUNNING, []
+        if not ready:
+            self.control.put(lambda: self._start(task_id))  # let the control thread decide
+            return
+        self.executor.submit(self._execute, task_id, state)
+        if state.policy is not None and state.policy.overlap == "allow":
+            occurrence = runs.occurrence_of(state.doc)
+            self.control.put(lambda: self._plan_overlap(task_id, state, occurrence))
+
     def _start(self, task_id: str) -> None:
-        """At the due time: hand the job to the executor, unless it was canceled meanwhile."""
+        """At the due time, on the control thread: what `_start_now` left to it."""
         state = self.states.get(task_id)
         if state is None or state.local is not Local.COMMITTED or state.writing:
             return
