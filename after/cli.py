@@ -22,7 +22,7 @@ from rich.table import Table
 
 from after import __version__, embedded, records
 from after.config import Config, ConfigError
-from after.couch import CouchError, Forbidden, NotFound, Server
+from after.couch import CouchError, Database, Forbidden, NotFound, Server
 from after.tasks import parse_date
 
 console = Console()
@@ -415,7 +415,7 @@ def format_duration(seconds: float) -> str:
 # -- tasks ---------------------------------------------------------------------------------
 
 
-def database_of(config: Config) -> Any:
+def database_of(config: Config) -> Database:
     return Server.from_config(config).database(config.db)
 
 
@@ -431,7 +431,7 @@ def client_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ClientError, CrontabError) as exc:
             fail(str(exc))
         except Forbidden as exc:
-            fail(f"the server refused it ({exc.status} {exc.error}): {exc.reason}")
+            fail(f"refused by the server ({exc.status} {exc.error}): {exc.reason}")
 
     return wrapper
 

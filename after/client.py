@@ -8,10 +8,11 @@ reason; we check here only what gives a clearer message before the round trip
 cannot check).
 
 Steering a task (cancel, reschedule) is a compare-and-set on the revision we
-read: a 409 means someone (usually the worker) wrote since, so we read the task
-again and decide again from its new status, never overwrite it with our stale
-copy. A task whose status cannot take the move now but soon will (a reschedule
-that no worker has taken up yet) is re-read for a few seconds before we give up.
+read: a 409 (or, on PouchDB Server, a 403 for a revision that has moved on)
+means someone, usually the worker, wrote since, so we read the task again and
+decide again from its new status, never overwrite it with our stale copy. A
+task whose status cannot take the move now but soon will (a reschedule that no
+worker has taken up yet) is re-read for a few seconds before we give up.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from after.couch import Conflict, Database
+from after.couch import Conflict, Database, Forbidden
 from after.recurrence import RepeatError, next_occurrence, parse_repeat, parse_span
 from after.recurrence import parse_date as parse_task_date
 from after.retry import RetryError, parse_retry, parse_timeout
@@ -295,6 +296,15 @@ def steer(
         except Conflict:
             doc = None  # someone wrote since we read: read again, decide again
             continue
+        except Forbidden:
+            # PouchDB Server validates a stale write against the current revision
+            # before it checks the revision, so a write based on an old one may come
+            # back 403 (about the new state) where CouchDB says 409: the same case.
+            latest = read_task(db, task_id)
+            if latest.get("_rev") == doc.get("_rev"):
+                raise  # refused on the revision we decided on: a real refusal
+            doc = latest
+            continue
         return Move(task_id, found, str(wanted["status"]), True, wanted)
     raise ClientError(f"task {task_id} kept changing while we wrote it ({tries} tries); try again")
 
@@ -407,11 +417,11 @@ def _local(moment: datetime, zone_name: str | None) -> str:
         return ""
 
 
-def _when(value: Any) -> str:
+def _when(value: Any, timespec: str = "seconds") -> str:
     if not isinstance(value, str):
         return ""
     try:
-        return parse_date(value).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return parse_date(value).isoformat(timespec=timespec).replace("+00:00", "Z")
     except ValueError:
         return value
 
@@ -618,8 +628,8 @@ def render_runs(runs: list[dict[str, Any]], title: str, extra: Sequence[str] = (
     for run in runs:
         table.add_row(
             *(str(run.get(column) or "") for column in extra),
-            _when(run.get("started_at")),
-            _when(run.get("finished_at")),
+            _when(run.get("started_at"), "milliseconds"),
+            _when(run.get("finished_at"), "milliseconds"),
             _duration(run.get("duration_ms")),
             _outcome(run.get("status")),
             Text(run.get("error") or ""),

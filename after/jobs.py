@@ -33,6 +33,7 @@ import linecache
 import logging
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -435,6 +436,14 @@ class JobFailed(JobError):
         self.error = error
 
 
+def stop_job_process(process: subprocess.Popen) -> None:
+    """Kill a job's child process and everything it started (its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
 def run_job_in_process(
     jobs_dir: Path,
     name: str,
@@ -462,12 +471,13 @@ def run_job_in_process(
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=printed,
+            start_new_session=True,  # its own process group: what it starts is stopped too
         )
         started(process)
         try:
             output, _ = process.communicate(request.encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            stop_job_process(process)
             process.communicate()
             message = f"timeout: job {name!r} ran longer than {timeout:g} s and was stopped"
             raise JobTimeout(message) from None
@@ -497,4 +507,5 @@ __all__ = [
     "job_name_of",
     "run_job",
     "run_job_in_process",
+    "stop_job_process",
 ]

@@ -40,7 +40,7 @@ from typing import Any
 from after import records, runs, tasks
 from after.config import Config
 from after.couch import BulkWriter, Conflict, CouchError, NotFound, Server, Unreachable
-from after.jobs import JobContext, JobLoader, run_job, run_job_in_process
+from after.jobs import JobContext, JobLoader, run_job, run_job_in_process, stop_job_process
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step
 
@@ -562,7 +562,7 @@ class Worker:
             state.cancel_requested = True
             if state.process is not None:  # a job in a child process can really be stopped
                 log.info("task %s: cancel asked while its job runs; stopping the job", task_id)
-                state.process.kill()
+                stop_job_process(state.process)
             else:
                 log.info(
                     "task %s: cancel asked while its job runs in the worker; "

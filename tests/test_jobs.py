@@ -621,3 +621,34 @@ def test_close_stops_the_watcher_and_is_idempotent(watched: JobLoader) -> None:
     watched.close()
     assert not watched.watching
     watched.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie left for a parent that does not reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_timeout_stops_the_job_and_what_it_started(jobs_dir: Path, tmp_path: Path) -> None:
+    from after.jobs import JobTimeout, run_job_in_process
+
+    pid_file = tmp_path / "child.pid"
+    write_job(
+        jobs_dir,
+        "spawner",
+        "import subprocess, time\n"
+        "def run(pid_file):\n"
+        "    child = subprocess.Popen(['sleep', '60'])\n"
+        "    open(pid_file, 'w').write(str(child.pid))\n"
+        "    time.sleep(60)\n",
+    )
+    with pytest.raises(JobTimeout, match=r"^timeout: job 'spawner' ran longer than 1 s"):
+        run_job_in_process(jobs_dir, "spawner", [str(pid_file)], CONTEXT, timeout=1.0)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
