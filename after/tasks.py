@@ -246,13 +246,14 @@ def _cap(text: str) -> str:
     return text[:MAX_TEXT] + f"... [cut: {len(text) - MAX_TEXT} more characters]"
 
 
-def resolve_conflict(winner: Doc, losers: list[Doc], at: datetime) -> list[Doc]:
+def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     """Resolve a conflict deterministically: the revision CouchDB chose as winner
     (the same on every node) stays, each losing revision is deleted, and what the
     losers were doing is recorded on the winner, so a duplicate claim or run is visible.
 
     Conflicts arise only between replicated nodes or in a partitioned cluster,
-    where two writes based on the same revision can both be accepted.
+    where two writes based on the same revision can both be accepted. The record
+    holds no time, so two resolutions of one conflict write the same content.
     """
     seen = [
         {
@@ -260,7 +261,6 @@ def resolve_conflict(winner: Doc, losers: list[Doc], at: datetime) -> list[Doc]:
             "status": loser.get("status"),
             "owner": loser.get("owner"),
             "attempt": loser.get("attempt"),
-            "resolved_at": iso(at),
         }
         for loser in losers
     ]

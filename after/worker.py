@@ -72,6 +72,7 @@ class TaskState:
     process: subprocess.Popen | None = None  # a job run in a child process (with a timeout)
     run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
     spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
+    resolving: bool = False  # held only to resolve a conflict of a task that had ended
 
 
 @dataclass
@@ -126,8 +127,14 @@ class Worker:
         self.last_seq: Any = None
         self._state_written = 0.0
         self.record: Doc = records.new_record(name, self.instance, tasks.now())
-        # Leases of the other instances of this name, as last read: instance -> lease end.
-        self.leases: dict[str, datetime] = {}
+        # The other instances of this name, as last read: instance -> alive.
+        self.leases: dict[str, bool] = {}
+        # When each peer's record was last seen to change: instance -> ((rev, last_seen), t).
+        self.peer_seen: dict[str, tuple[tuple[Any, Any], float]] = {}
+        self._held = 0
+        self.unknown_since: dict[str, float] = {}  # owners with no record: since when
+        # The lease is renewed through its own HTTP session, on its own thread.
+        self.lease_server = Server.from_config(config)
         self.claim_order: list[str] = [self.instance]  # live instances of this name, sorted
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
@@ -152,10 +159,9 @@ class Worker:
         self._read_current_state()
         feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
         feed.start()
-        self.keeper = threading.Thread(
-            target=self._housekeep, name="after-housekeeping", daemon=True
-        )
+        self.keeper = threading.Thread(target=self._renew, name="after-lease", daemon=True)
         self.keeper.start()
+        threading.Thread(target=self._housekeep, name="after-housekeeping", daemon=True).start()
         self.ready.set()
         self._write_state_file(force=True)
         try:
@@ -273,18 +279,21 @@ class Worker:
         )
 
     # -- records, leases, the horizon (the housekeeping thread) -----------------------
-    def _set_leases(self, leases: dict[str, datetime]) -> None:
-        self.leases = leases
-        now = tasks.now()
-        self.claim_order = sorted([self.instance, *(o for o, t in leases.items() if t > now)])
+    def _set_leases(self, alive: dict[str, bool]) -> None:
+        """Which peers are alive, as judged when their records were read (the control
+        thread may apply this late; the judgement does not age with it)."""
+        self.leases = alive
+        self.claim_order = sorted([self.instance, *(o for o, live in alive.items() if live)])
 
     def _owner_alive(self, owner: str) -> bool:
-        until = self.leases.get(owner)
-        return until is not None and until > tasks.now()
+        return self.leases.get(owner, False)
 
     def _counts(self) -> dict[str, Any]:
+        # Read from another thread while the control thread may change the dict.
+        with contextlib.suppress(RuntimeError):
+            self._held = sum(1 for s in list(self.states.values()) if s.local is not Local.NONE)
         return {
-            "held": sum(1 for s in self.states.values() if s.local is not Local.NONE),
+            "held": self._held,
             "done": self.stats.done,
             "failed": self.stats.failed,
             "canceled": self.stats.canceled,
@@ -292,79 +301,94 @@ class Worker:
         }
 
     def _put_record(self, record: Doc) -> None:
+        records_db = self.lease_server.database(self.db.name)
         try:
-            self.db.put(record)
+            records_db.put(record)
         except Conflict:
             # Someone else wrote our record (a peer marked it lost while we could
             # not renew it): keep their revision, write ours over it.
-            current = self.db.get(record["_id"])
+            current = records_db.get(record["_id"])
             if current is not None:
                 if current.get("reaped_by"):
                     log.warning("this instance was presumed lost by %s", current["reaped_by"])
                 record["_rev"] = current["_rev"]
-            self.db.put(record)
+            records_db.put(record)
         self.record = record
 
     def _renew_record(self) -> None:
         self._put_record(records.renewed(self.record, tasks.now(), self.lease, self._counts()))
 
-    def _read_leases(self) -> tuple[dict[str, datetime], list[Doc]]:
-        """Leases of the other instances of this name, and the records to take over."""
-        now = tasks.now()
-        leases: dict[str, datetime] = {}
+    def _renew(self) -> None:
+        """Its own thread and HTTP session: a lease is renewed on time whatever the
+        other threads wait for (a view being built, a slow takeover)."""
+        next_clock_check = time.monotonic()
+        backoff = 0.5
+        while not self.finished.is_set():
+            try:
+                self._renew_record()
+                if time.monotonic() >= next_clock_check:
+                    self._check_clock()
+                    next_clock_check = time.monotonic() + CLOCK_CHECK_EVERY
+                backoff, wait = 0.5, self.heartbeat
+            except CouchError as exc:
+                log.warning("lease not renewed (%s); retrying in %.1fs", exc, backoff)
+                wait, backoff = backoff, min(backoff * 2, self.heartbeat)
+            self.finished.wait(wait)
+
+    def _read_leases(self) -> tuple[dict[str, bool], list[Doc]]:
+        """Which other instances of this name are alive, and the records to take over.
+
+        An instance is dead when its lease had run out when read AND its record
+        has not changed for a whole lease while this instance could see it: after
+        an outage that hid everyone's renewals, peers get a full lease to renew.
+        """
+        now, seen_at = tasks.now(), time.monotonic()
+        alive: dict[str, bool] = {}
         expired: list[Doc] = []
         rows = self.db.all_docs(include_docs=True, **records.name_range(self.name))
         for row in rows["rows"]:
             record = row.get("doc")
             if not record or record.get("instance") == self.instance:
                 continue
-            until = records.lease_until(record)
-            if until is not None:
-                leases[record["instance"]] = until
-            if records.needs_takeover(record, now):
+            instance = record["instance"]
+            stamp = (record.get("_rev"), record.get("last_seen"))
+            if self.peer_seen.get(instance, (None, 0.0))[0] != stamp:
+                self.peer_seen[instance] = (stamp, seen_at)
+            unchanged_for = seen_at - self.peer_seen[instance][1]
+            dead = not records.is_live(record, now) and (
+                record.get("state") != "running" or unchanged_for >= self.lease.total_seconds()
+            )
+            alive[instance] = not dead
+            if dead and records.needs_takeover(record, now):
                 expired.append(record)
             elif records.can_be_deleted(record, now):
                 self.db.bulk_docs(
                     [{"_id": record["_id"], "_rev": record["_rev"], "_deleted": True}]
                 )
-        return leases, expired
+        return alive, expired
 
     def _housekeep(self) -> None:
-        """Renew our lease, watch the peers' leases, sweep the horizon.
-
-        Runs until the worker has shut down: a graceful stop may wait minutes for
-        running jobs, and their lease must not run out meanwhile.
-        """
-        next_beat = next_sweep = next_clock_check = time.monotonic()
+        """Watch the peers' leases, take over the dead ones' tasks, sweep the horizon."""
+        next_peers = next_sweep = time.monotonic()
         backoff = 0.5
-        while not self.finished.is_set():
+        while not self.stopping.is_set():
             try:
                 now = time.monotonic()
-                if now >= next_clock_check:
-                    self._check_clock()
-                    next_clock_check = now + CLOCK_CHECK_EVERY
-                if self.stopping.is_set():  # renew only: claim and take over nothing more
-                    if now >= next_beat:
-                        self._renew_record()
-                        next_beat = now + self.heartbeat
-                    self.finished.wait(max(0.0, next_beat - time.monotonic()))
-                    continue
-                if now >= next_beat or self.peers_wanted.is_set():
+                if now >= next_peers or self.peers_wanted.is_set():
                     self.peers_wanted.clear()
-                    if now >= next_beat:
-                        self._renew_record()
-                        next_beat = now + self.heartbeat
-                    leases, expired = self._read_leases()
-                    self.control.put(lambda leases=leases: self._leases_read(leases))
+                    next_peers = now + self.heartbeat
+                    alive, expired = self._read_leases()
+                    self.control.put(lambda alive=alive: self._leases_read(alive))
                     for record in expired:
                         self._take_over(record)
                 if now >= next_sweep:
                     self._sweep_horizon()
                     next_sweep = now + self.sweep_every
                 backoff = 0.5
-                wait = min(next_beat, next_sweep) - time.monotonic()
+                wait = min(next_peers, next_sweep) - time.monotonic()
             except CouchError as exc:
                 log.warning("housekeeping failed (%s); retrying in %.1fs", exc, backoff)
+                self.peer_seen.clear()  # what we saw before the gap proves nothing now
                 wait, backoff = backoff, min(backoff * 2, 30.0)
             if wait > 0:
                 self.peers_wanted.wait(wait)
@@ -381,7 +405,7 @@ class Worker:
                 self.lease.total_seconds(),
             )
 
-    def _leases_read(self, leases: dict[str, datetime]) -> None:
+    def _leases_read(self, leases: dict[str, bool]) -> None:
         """On the control thread: new leases; decide on tasks that waited for them."""
         self._set_leases(leases)
         waiting, self.awaiting_peers = self.awaiting_peers, set()
@@ -390,15 +414,21 @@ class Worker:
             if state is None or state.writing:
                 continue
             owner = state.doc.get("owner")
-            if owner not in self.leases:  # no record at all: nobody renews its lease
-                self.leases[owner] = datetime.min.replace(tzinfo=tasks.UTC)
+            if owner not in self.leases:
+                # No record: a dead instance's, deleted, or one not replicated here
+                # yet. It counts as dead once it has stayed unknown for a whole lease.
+                first = self.unknown_since.setdefault(owner, time.monotonic())
+                if time.monotonic() - first < self.lease.total_seconds():
+                    self.awaiting_peers.add(task_id)  # again at the next reading
+                    continue
+                self.leases[owner] = False
             self._decide(task_id, state)
 
     def _take_over(self, record: Doc) -> None:
         """An instance of our name stopped renewing its lease: take over what it held."""
         owner = record["instance"]
         log.warning("instance %s stopped renewing its lease; taking over its tasks", owner)
-        self.control.put(lambda: self.leases.__setitem__(owner, records.lease_until(record)))
+        self.control.put(lambda: self.leases.__setitem__(owner, False))
         for status in ("scheduled", "running"):
             for doc in self._tasks_in(status, {}):
                 if doc.get("owner") == owner:
@@ -445,9 +475,15 @@ class Worker:
         """On the feed thread: an echo of our own write, or a version already seen?
         Only a shortcut (the control thread checks again); it keeps the echoes of
         a burst's writes out of the control queue."""
+        if doc.get("_conflicts"):
+            return False  # always the control thread's to resolve
         state = self.states.get(doc["_id"])
+        if state is not None and state.doc["_rev"] == doc["_rev"]:
+            return True
         known = tasks.rev_number(state.doc["_rev"]) if state is not None else 0
-        return tasks.rev_number(doc["_rev"]) <= max(known, self.forgotten.get(doc["_id"], 0))
+        # Strictly older only: a sibling of the same generation (a conflict's other
+        # side, after a replication) is news.
+        return tasks.rev_number(doc["_rev"]) < max(known, self.forgotten.get(doc["_id"], 0))
 
     def _seen(self, doc: Doc, seq: Any = None, fresh: bool = False) -> None:
         """A version of a task, from the feed or (fresh=True) just read from a view."""
@@ -455,20 +491,32 @@ class Worker:
             self.last_seq = seq
         task_id = doc["_id"]
         state = self.states.get(task_id)
+        conflicted = bool(doc.get("_conflicts"))
         if state is None:
-            if doc.get("status") in tasks.FINAL or doc.get("status") == "err":
+            ended = doc.get("status") in tasks.FINAL or doc.get("status") == "err"
+            if ended and not conflicted:
                 return
-            if not fresh and tasks.rev_number(doc["_rev"]) <= self.forgotten.get(task_id, 0):
+            if (
+                not fresh
+                and not conflicted
+                and tasks.rev_number(doc["_rev"]) < self.forgotten.get(task_id, 0)
+            ):
                 return
-            state = self.states[task_id] = TaskState(doc)
-        elif tasks.rev_number(doc["_rev"]) <= tasks.rev_number(state.doc["_rev"]):
-            return  # an echo of our own write, or an older version
+            state = self.states[task_id] = TaskState(doc, resolving=ended)
+        elif doc["_rev"] == state.doc["_rev"] and not conflicted:
+            return  # an echo of our own write
+        elif tasks.rev_number(doc["_rev"]) < tasks.rev_number(state.doc["_rev"]):
+            return  # an older version
         if state.writing:
             state.newer = doc
             return
         state.doc = doc
-        if doc.get("_conflicts"):
-            return self._resolve_conflict(task_id, state)
+        if conflicted:
+            if self._claims_first(task_id):
+                return self._resolve_conflict(task_id, state)
+            # The instance that claims it first resolves it (two resolving at once,
+            # on two replicas, would make a new conflict); we do if it has not.
+            return self._recheck_later(task_id, delay=CLAIM_FALLBACK)
         self._decide(task_id, state)
 
     def _resolve_conflict(self, task_id: str, state: TaskState) -> None:
@@ -488,7 +536,7 @@ class Worker:
             [(d.get("owner"), d.get("status")) for d in found],
             winner["_rev"],
         )
-        updated, *deletions = tasks.resolve_conflict(winner, found, tasks.now())
+        updated, *deletions = tasks.resolve_conflict(winner, found)
         for deletion in deletions:
             self.writer.write(deletion, lambda row: None)
         state.doc = {**winner, "_conflicts": []}
@@ -593,16 +641,19 @@ class Worker:
         self.timer.schedule(at, action, key=("recheck", task_id))
 
     def _recheck(self, task_id: str, delay: float) -> None:
-        """Read a task again after a failed read, and decide on what it is now."""
+        """Read a task again (after a failed read, a conflict), and act on what it is now."""
         state = self.states.get(task_id)
         if state is None or state.writing:
             return
         try:
-            latest = self.db.get(task_id)
+            latest = self.db.get(task_id, conflicts=True)
         except CouchError:
             return self._recheck_later(task_id, min(delay * 2, 30.0))
         if latest is None:
             return self._forget(task_id)
+        if latest.get("_conflicts"):
+            state.doc = latest
+            return self._resolve_conflict(task_id, state)
         if latest["_rev"] == state.doc["_rev"]:
             return  # the feed brought it meanwhile, and it was decided on
         state.doc = latest
@@ -702,6 +753,8 @@ class Worker:
             state.local = Local.COMMITTED
             due = state.run_at or tasks.parse_date(state.doc["date"])
             self.timer.schedule(due, lambda: self._start_now(task_id), key=task_id)
+        elif status in ("done", "err", "canceled") and state.resolving:
+            self._forget(task_id)  # a conflict resolved on a task that had ended already
         elif status in ("done", "err", "canceled"):
             if status == "done":
                 self.stats.done += 1

@@ -516,3 +516,16 @@ def test_a_wrong_password_is_refused_not_taken_for_anonymous(
     with pytest.raises(CouchError) as caught:
         wrong.database(secured.name).info()
     assert caught.value.status == 401
+
+
+def test_a_worker_may_record_a_resolved_conflict_on_a_final_task(db: Database) -> None:
+    """Only `conflicts_resolved` may change, and only by a worker (or an admin)."""
+    task_id, _ = db.post(new_task())
+    doc = db.get(task_id)
+    for status in ("scheduled", "running", "done"):
+        doc = {**doc, "status": status, "owner": "manobi@a:1:x"}
+        db.put(doc)
+    db.put({**doc, "conflicts_resolved": [{"rev": "2-x", "status": "scheduled"}]})
+    with pytest.raises(Forbidden) as refused:
+        db.put({**db.get(task_id), "conflicts_resolved": [], "result": "forged"})
+    assert "is final" in refused.value.reason

@@ -201,7 +201,7 @@ def test_a_task_held_by_a_dead_process_is_taken_over(
     task_id = create(db, date=in_seconds(1))
     doc = db.get(task_id)
     db.put({**doc, "status": "scheduled", "owner": "manobi@elsewhere:1:dead"})
-    start_worker()
+    start_worker(heartbeat=0.3, lease=1.0)  # an owner with no record is dead after a lease
     doc = wait_status(db, task_id, "done")
     assert doc["owner"] != "manobi@elsewhere:1:dead"
 
@@ -214,7 +214,7 @@ def test_a_task_left_running_by_a_dead_process_is_marked_lost(
     doc = {**doc, "status": "scheduled", "owner": "manobi@elsewhere:1:dead"}
     db.put(doc)
     db.put({**doc, "status": "running", "attempt": 1})
-    start_worker()
+    start_worker(heartbeat=0.3, lease=1.0)
     doc = wait_status(db, task_id, "err")
     assert doc["error"]["type"] == "WorkerLost"
     assert "worker lost" in doc["error"]["message"]

@@ -96,6 +96,19 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     }
   }
 
+  // Do two documents agree on every field but the ones named?
+  function sameExcept(a, b, ignored) {
+    var key, keys = {};
+    for (key in a) { if (a.hasOwnProperty(key)) { keys[key] = true; } }
+    for (key in b) { if (b.hasOwnProperty(key)) { keys[key] = true; } }
+    for (key in keys) {
+      if (ignored.indexOf(key) < 0 && JSON.stringify(a[key]) !== JSON.stringify(b[key])) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   function isObject(value) {
     return typeof value === 'object' && value !== null && !Array.isArray(value);
   }
@@ -318,6 +331,10 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
   if (rules.final.indexOf(from) >= 0) {
     if (isAdmin && newDoc[rules.force_field] === true) {
       return;  // a server admin's forced edit; the document keeps "force": true
+    }
+    if (hasRole('worker') && sameExcept(newDoc, oldDoc, ['_rev', '_revisions', 'conflicts_resolved']) &&
+        JSON.stringify(newDoc.conflicts_resolved) !== JSON.stringify(oldDoc.conflicts_resolved)) {
+      return;  // a worker records the conflicting revisions it resolved (after/tasks.py)
     }
     refuse('status: a ' + from + ' task cannot change (' + from + ' is final); only a server admin ' +
            'may force an edit, by writing "' + rules.force_field + '": true');
