@@ -351,7 +351,15 @@ class Database:
                     return
                 if not line.strip():
                     continue
-                change = json.loads(line)
+                try:
+                    change = json.loads(line)
+                except (ValueError, RecursionError):
+                    # A document too deep for Python's json (CouchDB stores it): skip
+                    # that change, not the feed.
+                    log.error(
+                        "a changes-feed line could not be read; skipped (%d bytes)", len(line)
+                    )
+                    continue
                 if "last_seq" in change and "id" not in change:
                     return  # the server ended the feed; the caller reconnects
                 yield change

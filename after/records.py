@@ -69,9 +69,17 @@ def reaped(record: Doc, by: str, now: datetime) -> Doc:
     return {**record, "state": "lost", "reaped_by": by, "reaped_at": iso(now)}
 
 
+def _date(record: Doc, field: str) -> datetime | None:
+    """A date field of a record, or None if it is missing or unreadable."""
+    value = record.get(field)
+    try:
+        return parse_date(value) if isinstance(value, str) else None
+    except (ValueError, OverflowError):
+        return None
+
+
 def lease_until(record: Doc) -> datetime | None:
-    value = record.get("lease_until")
-    return parse_date(value) if isinstance(value, str) else None
+    return _date(record, "lease_until")
 
 
 def is_live(record: Doc, now: datetime) -> bool:

@@ -224,7 +224,10 @@ class Worker:
         for status in tasks.ACTIVE:
             end = horizon_end if status in ("waiting", "reschedule") else {}
             for doc in self._tasks_in(status, end):
-                self._seen(doc, fresh=True)
+                try:
+                    self._seen(doc, fresh=True)
+                except Exception:  # one unreadable task must not keep the worker from starting
+                    log.exception("task %s could not be read; skipped", doc.get("_id"))
                 count += 1
         log.info("start-up: %d active task(s) read", count)
 
@@ -330,7 +333,7 @@ class Worker:
                     self._check_clock()
                     next_clock_check = time.monotonic() + CLOCK_CHECK_EVERY
                 backoff, wait = 0.5, self.heartbeat
-            except CouchError as exc:
+            except Exception as exc:
                 log.warning("lease not renewed (%s); retrying in %.1fs", exc, backoff)
                 wait, backoff = backoff, min(backoff * 2, self.heartbeat)
             self.finished.wait(wait)
@@ -386,7 +389,7 @@ class Worker:
                     next_sweep = now + self.sweep_every
                 backoff = 0.5
                 wait = min(next_peers, next_sweep) - time.monotonic()
-            except CouchError as exc:
+            except Exception as exc:  # a bad record or an outage: log, wait, go on
                 log.warning("housekeeping failed (%s); retrying in %.1fs", exc, backoff)
                 self.peer_seen.clear()  # what we saw before the gap proves nothing now
                 wait, backoff = backoff, min(backoff * 2, 30.0)
@@ -462,7 +465,7 @@ class Worker:
                     if doc and not change.get("deleted") and not self._known(doc):
                         self.control.put(lambda doc=doc, seq=since: self._seen(doc, seq))
                     backoff = 0.5
-            except CouchError as exc:
+            except Exception as exc:  # an outage, or anything else: the feed must go on
                 if self.stopping.is_set():
                     return
                 level = logging.WARNING if isinstance(exc, Unreachable) else logging.ERROR
@@ -544,6 +547,8 @@ class Worker:
 
     def _decide(self, task_id: str, state: TaskState) -> None:
         doc = state.doc
+        if doc.get("worker") != self.name and state.local is Local.NONE:
+            return self._forget(task_id)  # reassigned to another worker name meanwhile
         owner = doc.get("owner")
         if (
             doc.get("status") in ("scheduled", "running")

@@ -96,11 +96,32 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     }
   }
 
+  // A document may have a field named "hasOwnProperty": never call it on the object.
+  function owns(object, key) {
+    return Object.prototype.hasOwnProperty.call(object, key);
+  }
+
+  // How deep a JSON value nests, counted up to `limit` (so never deeper than that).
+  function deeperThan(value, limit) {
+    if (typeof value !== 'object' || value === null) {
+      return false;
+    }
+    if (limit === 0) {
+      return true;
+    }
+    for (var key in value) {
+      if (owns(value, key) && deeperThan(value[key], limit - 1)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   // Do two documents agree on every field but the ones named?
   function sameExcept(a, b, ignored) {
     var key, keys = {};
-    for (key in a) { if (a.hasOwnProperty(key)) { keys[key] = true; } }
-    for (key in b) { if (b.hasOwnProperty(key)) { keys[key] = true; } }
+    for (key in a) { if (owns(a, key)) { keys[key] = true; } }
+    for (key in b) { if (owns(b, key)) { keys[key] = true; } }
     for (key in keys) {
       if (ignored.indexOf(key) < 0 && JSON.stringify(a[key]) !== JSON.stringify(b[key])) {
         return false;
@@ -122,6 +143,9 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
       refuse(field + ': "' + value + '" is not an ISO 8601 date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS[.ffffff]][Z|+HH:MM])');
     }
     var year = +m[1], month = +m[2], day = +m[3];
+    if (year < 1000 || year > 9998) {
+      refuse(field + ': "' + value + '" is out of range (years 1000 to 9998)');
+    }
     var probe = new Date(Date.UTC(year, month - 1, day));
     if (month < 1 || month > 12 || probe.getUTCDate() !== day || probe.getUTCMonth() !== month - 1) {
       refuse(field + ': "' + value + '" is not a real calendar date');
@@ -162,7 +186,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
 
   function checkOnly(field, value, allowed) {
     for (var key in value) {
-      if (value.hasOwnProperty(key) && allowed.indexOf(key) < 0) {
+      if (owns(value, key) && allowed.indexOf(key) < 0) {
         refuse(field + '.' + key + ': unknown field (allowed: ' + allowed.join(', ') + ')');
       }
     }
@@ -187,11 +211,12 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
       }
       if (repeat.cron !== undefined) {
         var fields = typeof repeat.cron === 'string' ? repeat.cron.trim().split(/\s+/) : [];
-        if (fields.length < 5 || fields.length > 6) {
+        var macro = fields.length === 1 && new RegExp(rules.patterns.cron_macro).test(fields[0]);
+        if (!macro && (fields.length < 5 || fields.length > 6)) {
           refuse('repeat.cron: must be a cron expression of 5 fields (minute hour day month weekday) ' +
                  'or 6 (with seconds), got ' + JSON.stringify(repeat.cron));
         }
-        for (var i = 0; i < fields.length; i++) {
+        for (var i = 0; !macro && i < fields.length; i++) {
           if (!new RegExp(rules.patterns.cron_field).test(fields[i])) {
             refuse('repeat.cron: field ' + (i + 1) + ' ' + JSON.stringify(fields[i]) + ' has characters a cron field cannot have');
           }
@@ -273,6 +298,9 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     if (doc.job.arguments !== undefined && !Array.isArray(doc.job.arguments)) {
       refuse('job.arguments: must be a JSON array of positional arguments');
     }
+    if (deeperThan(doc.job.arguments, rules.max_depth)) {
+      refuse('job.arguments: nested deeper than ' + rules.max_depth + ' levels');
+    }
     checkSchedule(doc);
     if (rules.statuses.indexOf(doc.status) < 0) {
       refuse('status: must be one of ' + rules.statuses.join(', ') + ' (got ' + JSON.stringify(doc.status) + ')');
@@ -339,7 +367,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     refuse('status: a ' + from + ' task cannot change (' + from + ' is final); only a server admin ' +
            'may force an edit, by writing "' + rules.force_field + '": true');
   }
-  if (from !== to && !rules.transitions[from].hasOwnProperty(to)) {
+  if (from !== to && !owns(rules.transitions[from], to)) {
     var allowed = Object.keys(rules.transitions[from]);
     refuse('status: cannot change from ' + from + ' to ' + to + ' (from ' + from + ' only to ' +
            (allowed.length ? allowed.join(', ') : 'nothing') + ')');
