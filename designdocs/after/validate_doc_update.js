@@ -69,6 +69,31 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     }
   }
 
+  // The worker-owned fields have the shapes the worker writes (rules.worker_field_types),
+  // so that no writer, a worker-role user included, can leave a task a worker cannot read.
+  function checkWorkerFieldShapes(doc) {
+    var types = rules.worker_field_types;
+    for (var field in types) {
+      if (!owns(types, field) || doc[field] === undefined) {
+        continue;
+      }
+      var value = doc[field], type = types[field], ok;
+      if (type === 'count') {
+        ok = typeof value === 'number' && value % 1 === 0 && value >= 0;
+      } else if (type === 'array') {
+        ok = Array.isArray(value);
+      } else if (type === 'object') {
+        ok = isObject(value);
+      } else {
+        ok = typeof value === type;
+      }
+      if (!ok) {
+        refuse(field + ': must be ' + (type === 'count' ? 'a whole number of at least 0' : type === 'object' || type === 'array' ? 'an ' + type : 'a ' + type) +
+               ' (a field the worker writes)');
+      }
+    }
+  }
+
   // The force flag marks a server admin's edit of a final task (an audit trail).
   function checkForce(doc, before) {
     var field = rules.force_field;
@@ -352,6 +377,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
       refuse('status: a new task must start as "' + rules.initial + '" (got "' + newDoc.status + '")');
     }
     checkWorkerFields(newDoc, before);
+    checkWorkerFieldShapes(newDoc);
     return;
   }
 
@@ -377,6 +403,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
            from + ' to ' + to);
   }
   checkWorkerFields(newDoc, oldDoc);
+  checkWorkerFieldShapes(newDoc);
   if (from !== rules.initial &&
       (newDoc.worker !== oldDoc.worker || JSON.stringify(newDoc.job) !== JSON.stringify(oldDoc.job))) {
     refuse('worker, job: can change only while a task is waiting (create a new task instead)');
