@@ -80,7 +80,7 @@ PREFIX: str = RULES["record_prefix"]
 
 EMBEDDED = not os.environ.get("AFTER_TEST_COUCHDB_URL")  # the session's PouchDB Server
 FUZZ_WORKER = "fuzz"  # the worker that follows the feed during the run
-EXAMPLES = 92  # hypothesis examples; each sends CREATES new documents and UPDATES updates
+EXAMPLES = 110  # hypothesis examples; each sends CREATES new documents and UPDATES updates
 CREATES = 64
 UPDATES = 64
 MIN_SENT = 10_000
