@@ -847,3 +847,17 @@ def test_interval_skip_counts_are_exact_however_many() -> None:
     plan = plan_overdue(every_second, Misfire("skip", timedelta(0)), anchor, anchor, now, 0)
     assert plan.skipped == 10 * 86_400  # 00:00:00 ... 23:59:59 ten times over
     assert plan.next_date == now
+
+
+def test_no_drift_over_a_thousand_computed_occurrences() -> None:
+    """Each next date comes from the anchor and the schedule, never from the last one
+    plus a step that could accumulate an error."""
+    anchor = datetime(2026, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+    hourly = parse_repeat({"interval": "PT1H"})
+    every_five = parse_repeat({"cron": "*/5 * * * *"})
+    moment, cron_moment = anchor, datetime(2026, 1, 1, tzinfo=UTC)
+    for k in range(1, 1001):
+        moment = next_occurrence(hourly, anchor, moment)
+        assert moment == anchor + timedelta(hours=k)
+        cron_moment = next_occurrence(every_five, cron_moment, cron_moment)
+        assert cron_moment == datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=5 * k)

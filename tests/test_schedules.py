@@ -237,3 +237,22 @@ def test_overlap_allow_runs_overlapping_occurrences_as_tasks_of_their_own(
     for child in children:
         assert wait_status(db, child["_id"], "done", timeout=10)["result"] == 2.3
     assert parse_date(doc["history"][-1]["occurrence"]) == anchor + timedelta(seconds=3)
+
+
+def test_a_timed_out_job_never_finishes_its_side_effect(
+    db: Database, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    effect = tmp_path / "side-effect"
+    (jobs / "slow_write.py").write_text(
+        "import time\n"
+        "def run():\n"
+        "    time.sleep(1.5)\n"
+        f"    open({str(effect)!r}, 'w').write('written')\n"
+    )
+    start_worker(jobs=jobs)
+    task_id = create(db, job={"name": "slow_write"}, timeout="PT0.3S")
+    assert wait_status(db, task_id, "err", timeout=10)["error"]["type"] == "JobTimeout"
+    time.sleep(2.0)  # past the moment the job would have written
+    assert not effect.exists()
