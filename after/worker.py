@@ -18,6 +18,7 @@ Threads, none of which blocks another:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from after import records, runs, tasks
+from after.capacity import ON_TIME, Pool
 from after.config import Config
 from after.couch import BulkWriter, Conflict, CouchError, NotFound, Server, Unreachable
 from after.jobs import JobContext, JobLoader, run_job, run_job_in_process, stop_job_process
@@ -49,7 +51,9 @@ log = logging.getLogger("after.worker")
 DDOC = "after"
 CLOCK_CHECK_EVERY = 60.0  # seconds between comparisons with the server's clock
 CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
-CLAIM_FALLBACK = 1.0  # seconds before claiming a task another live instance should claim
+# Seconds before claiming a task another live instance should claim (when it has
+# room), and before claiming one anyway when no instance had room for it.
+CLAIM_FALLBACK = 1.0
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
 # For a task whose fields could not be parsed: it fails once, with the reason.
 NO_POLICY = runs.Policy(
@@ -116,6 +120,10 @@ class Worker:
         self.writer = BulkWriter(self.db)
         self.timer = Scheduler()
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="after-job")
+        self.pool = Pool(concurrency)  # what the executor can run on time
+        # Held tasks due (or overdue) whose run waits for a free slot: (date, order, id).
+        self.slot_wait: list[tuple[float, int, str]] = []
+        self._slot_order = 0
         self.control: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self.states: dict[str, TaskState] = {}
         self.stats = Stats()
@@ -169,6 +177,7 @@ class Worker:
                 try:
                     action = self.control.get(timeout=1.0)
                 except queue.Empty:
+                    self._commit_waiting()  # run times measured meanwhile may make room
                     self._write_state_file()  # what the last burst of events changed
                     continue
                 if action is None:
@@ -571,12 +580,15 @@ class Worker:
         if step is Step.CLAIM:
             if self.stopping.is_set():
                 return self._forget(task_id)
-            if doc.get("status") in ("waiting", "reschedule") and not self._claims_first(task_id):
-                # Another live instance claims this one first; take it only if it does not.
-                action = lambda: self.control.put(lambda: self._claim_if_still_free(task_id))  # noqa: E731
-                fallback = tasks.now() + timedelta(seconds=CLAIM_FALLBACK)
-                self.timer.schedule(fallback, action, key=("claim", task_id))
-                return
+            if doc.get("status") in ("waiting", "reschedule"):
+                if not self._claims_first(task_id):
+                    # Another live instance claims this one first; take it only if it
+                    # does not and we have room, or, after a while, if nobody did.
+                    return self._claim_later(task_id, CLAIM_FALLBACK, anyway=False)
+                if not self._has_room_for(doc):
+                    # We could not start it on time: leave it to a peer with room for
+                    # a moment, and claim it anyway (late beats never) if none takes it.
+                    return self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
             self._unhold(task_id, state)
             if doc.get("status") == "scheduled":
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
@@ -598,6 +610,7 @@ class Worker:
                 if plan is not None:  # nothing of the series is left to run
                     state.ends_without_run = runs.skipped_fields(doc, plan)
             state.local, state.run_at = Local.HELD, due
+            self.pool.hold(task_id, due.timestamp())
             self.timer.schedule(
                 due - self._commit_lead(),
                 lambda: self.control.put(lambda: self._commit(task_id)),
@@ -675,23 +688,39 @@ class Worker:
         order = self.claim_order
         return len(order) < 2 or order[zlib.crc32(task_id.encode()) % len(order)] == self.instance
 
-    def _claim_if_still_free(self, task_id: str) -> None:
+    def _has_room_for(self, doc: Doc) -> bool:
+        """Could this instance start the task on time, besides what it holds?"""
+        due = tasks.parse_date(doc["date"]).timestamp()
+        return self.pool.can_claim(due, tasks.now().timestamp(), time.monotonic())
+
+    def _claim_later(self, task_id: str, delay: float, anyway: bool) -> None:
+        action = lambda: self.control.put(lambda: self._claim_if_still_free(task_id, anyway))  # noqa: E731
+        at = tasks.now() + timedelta(seconds=delay)
+        self.timer.schedule(at, action, key=("claim", task_id))
+
+    def _claim_if_still_free(self, task_id: str, anyway: bool) -> None:
         state = self.states.get(task_id)
         if state is None or state.writing or state.local is not Local.NONE:
             return
-        if state.doc.get("status") in ("waiting", "reschedule") and not self.stopping.is_set():
+        if state.doc.get("status") not in ("waiting", "reschedule") or self.stopping.is_set():
+            return
+        if anyway or self._has_room_for(state.doc):
             self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
+        else:  # no room here either: the instance it belongs to claims it meanwhile, or we do
+            self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
 
     def _unhold(self, task_id: str, state: TaskState) -> None:
         with self.start_lock:  # not while the timer thread is starting it
             if state.local in (Local.HELD, Local.COMMITTED):
                 self.timer.cancel(task_id)
                 state.local = Local.NONE
+                self.pool.release(task_id)
 
     def _forget(self, task_id: str) -> None:
         state = self.states.pop(task_id, None)
         if state is not None:
             self.timer.cancel(task_id)
+            self.pool.release(task_id)
             # Versions the feed read before we forgot it may still be queued: ignore them.
             self.forgotten[task_id] = tasks.rev_number(state.doc["_rev"])
             if len(self.forgotten) > FORGOTTEN:
@@ -711,6 +740,9 @@ class Worker:
             return
         state.writing = False
         newer, state.newer = state.newer, None
+        if row.get("error") and doc.get("status") == "running":
+            self.pool.uncommit(task_id)  # the commit did not land: its slot is free again
+            self._commit_waiting()
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)
@@ -774,16 +806,35 @@ class Worker:
 
     # -- running -------------------------------------------------------------------
     def _commit(self, task_id: str) -> None:
-        """Shortly before the due time: write `running` so the start is not delayed by it."""
+        """Shortly before the due time: write `running` so the start is not delayed by it.
+
+        Only when a pool slot will be free for it: `running` means the job is about
+        to start, and a crash never turns a run that had not begun into "worker
+        lost". Otherwise it waits, still `scheduled`, for a run to end.
+        """
         state = self.states.get(task_id)
         if (
             state is None
             or state.local is not Local.HELD
             or state.writing
             or self.stopping.is_set()
+            or task_id in self.pool.committing
         ):
             return
+        run_at = state.run_at or tasks.parse_date(state.doc["date"])
+        until_run = max((run_at - tasks.now()).total_seconds(), 0.0)
+        if not self.pool.can_commit(until_run + ON_TIME, time.monotonic()):
+            self._slot_order += 1
+            heapq.heappush(self.slot_wait, (run_at.timestamp(), self._slot_order, task_id))
+            return
+        self.pool.commit(task_id)
         self._write(task_id, tasks.running_update(state.doc, self.instance))
+
+    def _commit_waiting(self) -> None:
+        """Commit the runs that waited for a slot, oldest date first, while there is room."""
+        while self.slot_wait and self.pool.can_commit(ON_TIME, time.monotonic()):
+            _, _, task_id = heapq.heappop(self.slot_wait)
+            self._commit(task_id)
 
     def _start_now(self, task_id: str) -> None:
         """On the timer thread, at the due time: start the job straight away.
@@ -802,6 +853,7 @@ class Worker:
             )
             if ready:
                 state.local, state.spawned = Local.RUNNING, []
+                self.pool.started(task_id, time.monotonic())
         if not ready:
             self.control.put(lambda: self._start(task_id))  # let the control thread decide
             return
@@ -817,8 +869,10 @@ class Worker:
             return
         if self.stopping.is_set():
             state.local = Local.NONE
+            self.pool.release(task_id)
             return self._write(task_id, tasks.hand_back_update(state.doc))
         state.local, state.spawned = Local.RUNNING, []
+        self.pool.started(task_id, time.monotonic())
         self.executor.submit(self._execute, task_id, state)
         if state.policy is not None:
             self._plan_overlap(task_id, state, runs.occurrence_of(state.doc))
@@ -883,9 +937,11 @@ class Worker:
             outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
             if not isinstance(exc, Exception):
                 log.warning("task %s: job %s raised %s", task_id, job["name"], type(exc).__name__)
+        self.pool.ended(task_id, time.monotonic())
         self.control.put(lambda: self._finished(task_id, outcome))
 
     def _finished(self, task_id: str, outcome: dict[str, Any]) -> None:
+        self._commit_waiting()  # a slot is free
         state = self.states.get(task_id)
         if state is None:
             return

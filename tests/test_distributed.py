@@ -38,7 +38,7 @@ def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., subprocess.P
     processes: list[subprocess.Popen] = []
 
     def spawn_worker(
-        name: str = "manobi", jobs: Path | None = None, home: str = "a"
+        name: str = "manobi", jobs: Path | None = None, home: str = "a", *options: str
     ) -> subprocess.Popen:
         env = {
             **os.environ,
@@ -50,7 +50,7 @@ def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., subprocess.P
             env.update(AFTER_COUCHDB_USER=config.user, AFTER_COUCHDB_PASSWORD=config.password or "")
         jobs_dir = str(jobs or REPO / "jobs")
         command = [sys.executable, "-m", "after", "start", name, "--foreground", "--jobs", jobs_dir]
-        command += ["--heartbeat", "0.3", "--lease", "1.5"]
+        command += ["--heartbeat", "0.3", "--lease", "1.5", *options]
         log = tmp_path / f"{home}.log"
         with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the worker
             process = subprocess.Popen(command, env=env, stderr=output, cwd=REPO)
@@ -293,3 +293,66 @@ def test_a_clock_far_from_the_servers_is_reported(
     with caplog.at_level("WARNING", logger="after.worker"):
         worker._check_clock()
     assert "clock is 7.5 s ahead of the CouchDB server's" in caplog.text
+
+
+# -- an instance claims only what it can start on time ---------------------------------
+
+
+def id_claimed_first_by(worker: Worker, prefix: str) -> str:
+    """A task id that `worker` is the first to claim among the live instances."""
+    return next(f"{prefix}-{n}" for n in range(1000) if worker._claims_first(f"{prefix}-{n}"))
+
+
+def test_a_busy_instance_leaves_a_task_it_cannot_start_on_time_to_an_idle_peer(
+    db: Database, start_fast
+) -> None:
+    busy = start_fast(concurrency=1)
+    long_run = create(db, job={"name": "sleep", "arguments": [8]})
+    wait_status(db, long_run, "running")
+    idle = start_fast(concurrency=1)
+    wait_for(lambda: len(busy.claim_order) == 2 and len(idle.claim_order) == 2)
+    # The long run has run a while, so it is expected to run as long again: past
+    # the next task's date.
+    time.sleep(2.5)
+    task_id = id_claimed_first_by(busy, "next")
+    date = in_seconds(2.0)
+    db.put({**new_task(date=date), "_id": task_id})
+    doc = wait_status(db, task_id, "done", timeout=15)
+    assert doc["owner"] == idle.instance
+    assert parse_date(doc["started_at"]) - parse_date(date) < timedelta(milliseconds=500)
+    assert db.get(long_run)["status"] == "running", "it ran beside the long run, not after it"
+
+
+def test_a_run_waits_for_a_free_slot_as_scheduled_and_survives_a_crash(
+    db: Database, start_fast, spawn
+) -> None:
+    victim = spawn("manobi", None, "a", "--concurrency", "1")
+    long_run = create(db, job={"name": "sleep", "arguments": [30]})
+    wait_status(db, long_run, "running")
+    time.sleep(1.0)
+    queued = create(db, date=in_seconds(0.5))
+    held = wait_status(db, queued, "scheduled", timeout=10)
+    time.sleep(1.5)  # past its date: it waits for the one slot, and says so
+    assert db.get(queued)["status"] == "scheduled"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    survivor = start_fast()
+    doc = wait_status(db, queued, "done", timeout=20)
+    assert doc["owner"] == survivor.instance
+    assert doc["attempt"] == 1, "it ran once: the crash did not count as an attempt"
+    assert doc["takeovers"][-1]["from"] == held["owner"]
+    assert doc["takeovers"][-1]["status"] == "scheduled"
+    lost = wait_status(db, long_run, "err", timeout=20)
+    assert lost["error"]["type"] == "WorkerLost"
+
+
+def test_one_instance_still_runs_what_it_has_no_room_for_late_rather_than_never(
+    db: Database, start_fast
+) -> None:
+    start_fast(concurrency=1)
+    first = create(db, job={"name": "sleep", "arguments": [2]})
+    wait_status(db, first, "running")
+    time.sleep(0.5)
+    then = create(db)
+    doc = wait_status(db, then, "done", timeout=15)
+    assert parse_date(doc["started_at"]) >= parse_date(db.get(first)["finished_at"])
