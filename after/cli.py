@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from after import __version__, embedded, records
+from after import __version__, embedded, records, supervisor
 from after.config import Config, ConfigError
 from after.couch import CouchError, Database, Forbidden, NotFound, Server
 from after.tasks import parse_date
@@ -842,85 +842,172 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
 # -- the embedded server -----------------------------------------------------------------
 
 
+def couchdb_state_path(paths: Paths) -> Path:
+    """The supervisor's state (JSON, see after.supervisor), next to its pid file."""
+    return paths.home / "couchdb.json"
+
+
+def process_running(pid: int) -> bool:
+    """pid_alive, but a zombie (exited, not reaped yet by its parent) does not count."""
+    if not pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: the signal test is all there is
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def running_supervisor(paths: Paths) -> tuple[int, dict[str, Any]] | None:
+    """The pid of the embedded server's supervisor, if one runs, and its state.
+
+    The state is {} until the supervisor's server first answers (or if the pid
+    file is from an older After, whose pid file held the server itself).
+    """
+    pid = read_pid(paths.couchdb_pid)
+    if pid is None or not process_running(pid):
+        return None
+    state = supervisor.read_state(couchdb_state_path(paths))
+    return pid, state if state.get("supervisor_pid") == pid else {}
+
+
+def announce(url: str, directory: Path) -> None:
+    click.echo(f"embedded server at {url} (Fauxton: {url}_utils), data in {directory}")
+
+
 @main.group(invoke_without_command=True)
 @click.option("--port", default=5984, show_default=True, help="Port on 127.0.0.1.")
 @click.option(
     "--dir", "data_dir", metavar="DIR", help="Data directory [default: AFTER_HOME/couchdb]."
 )
-@click.option("--daemon", is_flag=True, help="Run in the background (pid file under AFTER_HOME).")
+@click.option(
+    "--daemon",
+    is_flag=True,
+    help="Run in the background (pid file under AFTER_HOME); return once the server answers.",
+)
 @click.pass_context
 @friendly_errors
 def couchdb(ctx: click.Context, port: int, data_dir: str | None, daemon: bool) -> None:
-    """Run the embedded CouchDB-compatible server (PouchDB Server) on 127.0.0.1.
+    """Run the embedded CouchDB-compatible server (PouchDB Server) on 127.0.0.1, supervised.
 
-    For local use and tests; production belongs on Apache CouchDB 3.x.
+    A supervisor restarts the server at once, on the same data, if it dies,
+    and kills and restarts it if it stops answering database requests; each
+    event is a line in DIR/server.log. `after couchdb stop` stops both. For
+    local use and tests; production belongs on Apache CouchDB 3.x.
     """
     if ctx.invoked_subcommand:
         return
     paths = Paths(load_config().home)
-    directory = Path(data_dir).expanduser() if data_dir else paths.couchdb_dir
+    directory = (Path(data_dir).expanduser() if data_dir else paths.couchdb_dir).absolute()
     url = f"http://127.0.0.1:{port}/"
-    pid = read_pid(paths.couchdb_pid)
-    if pid and pid_alive(pid):
-        click.echo(f"the embedded server is already running (pid {pid}) at {url}")
-        return
-    process = embedded.start(port, directory, directory / "server.log", detach=daemon)
-    try:
-        embedded.wait_healthy(url, timeout=60, process=process)
-    except embedded.EmbeddedServerError as exc:
-        embedded.stop(process)
-        fail(f"{exc}; see {directory / 'server.log'}")
+    running = running_supervisor(paths)
+    if running:
+        pid, state = running
+        click.echo(
+            f"the embedded server is already running (supervisor pid {pid}) "
+            f"at {state.get('url', url)}"
+        )
+    elif daemon:
+        start_supervisor_daemon(paths, port, directory)
+        announce(url, directory)
+    else:
+        status = supervise(paths, port, directory)
+        ctx.exit(status)
+
+
+def supervise(paths: Paths, port: int, directory: Path) -> int:
+    """Run the supervisor here, with the pid file, until it stops; its exit status."""
+    watcher = supervisor.Supervisor(
+        port,
+        directory,
+        timings=supervisor.Timings.from_environment(),
+        state_path=couchdb_state_path(paths),
+    )
     paths.couchdb_pid.parent.mkdir(parents=True, exist_ok=True)
-    paths.couchdb_pid.write_text(str(process.pid))
-    click.echo(f"embedded server at {url} (Fauxton: {url}_utils), data in {directory}")
-    if daemon:
-        return
+    paths.couchdb_pid.write_text(str(os.getpid()))
     try:
-        process.wait()
-    except KeyboardInterrupt:
-        embedded.stop(process)
+        return watcher.run(on_ready=lambda: announce(watcher.url, directory))
     finally:
-        paths.couchdb_pid.unlink(missing_ok=True)
+        if read_pid(paths.couchdb_pid) == os.getpid():
+            paths.couchdb_pid.unlink(missing_ok=True)
+
+
+def start_supervisor_daemon(paths: Paths, port: int, directory: Path) -> None:
+    """Start `after couchdb` detached (its own session, output to the log); wait until it serves."""
+    log_path = directory / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "after", "--home", str(paths.home), "couchdb"]
+    argv += ["--port", str(port), "--dir", str(directory)]
+    with open(log_path, "ab") as log:
+        daemon = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + supervisor.Timings().start_timeout + 10
+    while supervisor.read_state(couchdb_state_path(paths)).get("supervisor_pid") != daemon.pid:
+        if daemon.poll() is not None:
+            code = daemon.returncode
+            known = code in embedded.EXIT_MEANINGS
+            reason = embedded.exit_reason(code) if known else last_line(log_path)
+            fail(f"the embedded server did not start ({reason}); see {log_path}")
+        if time.monotonic() > deadline:
+            terminate(daemon.pid, timeout=30)
+            fail(f"the embedded server did not answer at 127.0.0.1:{port}; see {log_path}")
+        time.sleep(0.1)
+
+
+def last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1]
+    return "no output"
+
+
+def terminate(pid: int, timeout: float) -> None:
+    """SIGTERM a process and wait until it has exited."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process_running(pid):
+        fail(f"the embedded server's supervisor (pid {pid}) did not stop within {timeout:.0f} s")
 
 
 @couchdb.command(name="stop")
+@friendly_errors
 def couchdb_stop() -> None:
-    """Stop the embedded server started with --daemon."""
+    """Stop the embedded server and its supervisor (with or without --daemon)."""
     paths = Paths(load_config().home)
-    pid = read_pid(paths.couchdb_pid)
-    if pid is None or not pid_alive(pid):
+    running = running_supervisor(paths)
+    if running is None:
         paths.couchdb_pid.unlink(missing_ok=True)
+        couchdb_state_path(paths).unlink(missing_ok=True)
         fail("the embedded server is not running")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid, state = running
+    # The supervisor stops its server (up to 10 s before a SIGKILL), then itself.
+    terminate(pid, timeout=30)
     paths.couchdb_pid.unlink(missing_ok=True)
-    click.echo(f"embedded server (pid {pid}) stopped")
+    couchdb_state_path(paths).unlink(missing_ok=True)
+    server = f", server pid {state['server_pid']}" if state.get("server_pid") else ""
+    click.echo(f"embedded server stopped (supervisor pid {pid}{server})")
 
 
-def embedded_command_line(pid: int) -> dict[str, str] | None:
-    """--port and --dir of a running embedded server (Linux /proc); None if it is not one."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    if not any(part.endswith("pouchdb-server") for part in argv):
-        return None
-    options = {}
-    for flag in ("--port", "--dir"):
-        if flag in argv and argv.index(flag) + 1 < len(argv):
-            options[flag[2:]] = argv[argv.index(flag) + 1]
-    return options if len(options) == 2 else None
+def restart_supervised_server(paths: Paths, pid: int, state: dict[str, Any]) -> dict[str, Any]:
+    """SIGHUP the supervisor: it restarts its server, which rereads its config.json.
 
-
-def terminate(pid: int, timeout: float = 10.0) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
-        fail(f"the embedded server (pid {pid}) did not stop within {timeout:.0f} s")
+    Returns the supervisor's state once the new server answers.
+    """
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + supervisor.Timings().start_timeout + 10
+    while True:
+        running = running_supervisor(paths)
+        if running is None:
+            fail(f"the embedded server's supervisor (pid {pid}) stopped; see {state['log']}")
+        elif running[1].get("server_pid") not in (None, state["server_pid"]):
+            return running[1]
+        elif time.monotonic() > deadline:
+            fail(f"the embedded server did not come back at {state['url']}; see {state['log']}")
+        time.sleep(0.1)
 
 
 @couchdb.command(name="lock")
@@ -933,26 +1020,25 @@ def couchdb_lock(ctx: click.Context, admin_name: str) -> None:
     """End the embedded server's "admin party": give it a server admin.
 
     Without an admin, anyone who can reach PouchDB Server is a server admin.
-    This writes the admin (hashed) into the server's config.json and restarts
-    the server if it runs as a daemon. The password comes from
-    AFTER_ADMIN_PASSWORD or a prompt, never from the command line. Apache
-    CouchDB 3.x needs no lock: it always has an admin (it refuses to start
-    without one).
+    This writes the admin (hashed) into the server's config.json and, if the
+    server runs (supervised, with or without --daemon), has its supervisor
+    restart it to apply it. The password comes from AFTER_ADMIN_PASSWORD or a
+    prompt, never from the command line. Apache CouchDB 3.x needs no lock: it
+    always has an admin (it refuses to start without one).
     """
     group = ctx.parent.params if ctx.parent else {}
     paths = Paths(load_config().home)
-    pid = read_pid(paths.couchdb_pid)
-    alive = pid is not None and pid_alive(pid)
-    running = embedded_command_line(pid) if pid is not None and alive else None
+    running = running_supervisor(paths)
+    pid, state = running if running else (None, {})
     if group.get("data_dir"):
         directory = Path(group["data_dir"]).expanduser()
-    elif running:
-        directory = Path(running["dir"])
+    elif state:
+        directory = Path(state["data_dir"])
     else:
         directory = paths.couchdb_dir
-    if running and Path(running["dir"]).resolve() != directory.resolve():
-        running = None  # a server on other data: not the one we lock
-    port = int(running["port"]) if running else group.get("port", 5984)
+    if state and Path(state["data_dir"]).resolve() != directory.resolve():
+        state = {}  # a server on other data: not the one we lock
+    port = int(state["port"]) if state else group.get("port", 5984)
     url = f"http://127.0.0.1:{port}/"
 
     password = os.environ.get("AFTER_ADMIN_PASSWORD") or click.prompt(
@@ -966,35 +1052,23 @@ def couchdb_lock(ctx: click.Context, admin_name: str) -> None:
     directory.chmod(0o700)
     click.echo(f"server admin {admin_name} written (hashed) to {directory / 'config.json'}")
 
-    if running is None and alive:  # a server we cannot inspect (no /proc) or on other data
-        click.echo(
-            f"if the embedded server (pid {pid}) runs on {directory}, restart it to apply it "
-            "(`after couchdb stop`, then `after couchdb --daemon`)"
-        )
-    elif running is None:
-        click.echo(
-            "it applies when the embedded server starts (`after couchdb --daemon`); "
-            "Apache CouchDB 3.x needs no lock: it always has an admin"
-        )
-    elif pid is not None and os.getsid(pid) == pid:  # a daemon: its own session
-        terminate(pid)
-        process = embedded.start(port, directory, directory / "server.log", detach=True)
-        try:
-            embedded.wait_healthy(url, timeout=60, process=process)
-        except embedded.EmbeddedServerError as exc:
-            embedded.stop(process)
-            paths.couchdb_pid.unlink(missing_ok=True)
-            fail(f"{exc}; see {directory / 'server.log'}")
-        paths.couchdb_pid.write_text(str(process.pid))
+    if pid is not None and state:
+        restarted = restart_supervised_server(paths, pid, state)
         from after.security import admin_party
 
         if admin_party(url):
             fail(f"the embedded server at {url} restarted but is still in admin party")
-        click.echo(f"restarted the embedded server (pid {process.pid}) at {url}: locked")
+        server_pid = restarted["server_pid"]
+        click.echo(f"restarted the embedded server (pid {server_pid}) at {url}: locked")
+    elif pid is not None:  # still starting, from an older After, or on other data
+        click.echo(
+            f"if the embedded server (pid {pid}) runs on {directory}, restart it to apply it "
+            "(`after couchdb stop`, then `after couchdb --daemon`)"
+        )
     else:
         click.echo(
-            f"restart the embedded server (pid {pid}) to apply it: stop it (Ctrl-C) "
-            "and run `after couchdb` again"
+            "it applies when the embedded server starts (`after couchdb --daemon`); "
+            "Apache CouchDB 3.x needs no lock: it always has an admin"
         )
     click.echo(
         f"connect as the admin: AFTER_COUCHDB_URL=http://{admin_name}@127.0.0.1:{port}/ "

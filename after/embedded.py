@@ -8,23 +8,28 @@ paths and refuses to start on any other PouchDB Server than the pinned one,
 and with `--unhandled-rejections=warn`, bound to loopback, with its data,
 config and log inside one directory.
 
-Exit codes of the server process (for a supervisor): 70 an uncaught exception
-(one `after-embedded-guard: fatal:` line in the log), 71 it could not listen
-(e.g. the port is in use), 78 refused to start (not the pinned, unmodified
-PouchDB Server). It exits 0 on SIGTERM and SIGINT.
+`after couchdb` runs it under a supervisor (after/supervisor.py) that restarts
+it when it dies or wedges. Exit codes of the server process, for the
+supervisor: 70 an uncaught exception (one `after-embedded-guard: fatal:` line
+in the log), 71 it could not listen (e.g. the port is in use), 78 refused to
+start (not the pinned, unmodified PouchDB Server). It exits 0 on SIGTERM.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -41,6 +46,8 @@ EXIT_MEANINGS = {
     EXIT_LISTEN: "it could not listen on its port (in use?)",
     EXIT_REFUSED: "it refused to start: PouchDB Server is not the pinned, unmodified version",
 }
+
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 # PouchDB Server hashes admin passwords with PBKDF2-SHA1 and 10 iterations
 # (couch_httpd_auth/iterations) and re-derives the key on every Basic-auth
@@ -163,11 +170,13 @@ def start(
     log_path: Path,
     detach: bool = False,
     admin: tuple[str, str] | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen:
     """Start the server in the background; its output goes to log_path.
 
     `admin` = (name, password) pre-seeds a server admin (see seed_admin); the
-    default is none, i.e. admin party.
+    default is none, i.e. admin party. With `die_with_parent` the server is
+    killed when the calling thread's process dies (Linux; see parent_death_signal).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,12 +189,63 @@ def start(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
+            preexec_fn=parent_death_signal() if die_with_parent else None,
         )
 
 
+def parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that has the child SIGKILLed when its parent dies; None where that is unknown.
+
+    A supervisor killed with SIGKILL cannot stop its server, which would keep
+    the port and the data. Linux's prctl(PR_SET_PDEATHSIG) ties the child to
+    the thread that forks it, so supervisors start servers from their main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return die_with_parent
+
+
 def exit_reason(returncode: int) -> str:
+    """`code 71: it could not listen ...`, `code -9: killed by SIGKILL`, or just `code N`."""
+    if returncode < 0:
+        try:
+            return f"code {returncode}: killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"code {returncode}: killed by signal {-returncode}"
     meaning = EXIT_MEANINGS.get(returncode)
     return f"code {returncode}: {meaning}" if meaning else f"code {returncode}"
+
+
+def health_problem(url: str, timeout: float) -> str | None:
+    """None if the server answers a request that opens a database within `timeout` s, else why not.
+
+    PouchDB Server can wedge so that `GET /` still answers while every request
+    that opens a database hangs (couchdb-compat.md). A login with a wrong
+    password is no test either: the authentication layer reads `_users` its
+    own way and answers 401 on a wedged server too. So the check is an
+    anonymous `GET /_users`, which opens the database; any HTTP answer will do
+    (200 on PouchDB Server; a 401 where anonymous requests may not read it).
+    """
+    with requests.Session() as session:
+        session.trust_env = False  # loopback: no proxy, no .netrc credentials
+        try:
+            session.get(url.rstrip("/") + "/_users", timeout=timeout)
+        except requests.Timeout:
+            return f"GET /_users got no answer within {timeout:g} s"
+        except requests.RequestException as exc:
+            return f"GET /_users failed ({type(exc).__name__})"
+    return None
 
 
 def wait_healthy(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:

@@ -10,7 +10,9 @@ its acknowledged revision or at a later one that descends from it.
 The server runs with a pre-seeded admin, as `after couchdb lock` leaves it; after
 the restart its configuration must still be closed to anonymous requests through
 the `/_node/node1@127.0.0.1/_config` prefix (test_embedded.py checks that on a
-freshly started server; here it must hold again after a crash).
+freshly started server; here it must hold again after a crash). Here the test
+restarts the server itself; test_supervisor.py does the same with the
+supervisor of `after couchdb` restarting it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,13 +132,12 @@ class Writer:
             session.close()
 
 
-def test_every_acknowledged_write_survives_a_sigkill(own_server: Server) -> None:
-    server = own_server
-    admin = requests.Session()
-    admin.auth = ADMIN
-    assert admin.put(server.url + DB, timeout=10).status_code == 201
+def write_until_killed(url: str, kill: Callable[[], None]) -> Writer:
+    """Stream writes to the database DB; once ACKED_BEFORE_KILL are acknowledged, kill().
 
-    writer = Writer(server.url)
+    kill() runs while a write is on its way; the stream ends when the server is gone.
+    """
+    writer = Writer(url)
     thread = threading.Thread(target=writer.run, name="durability-writer", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -147,23 +148,26 @@ def test_every_acknowledged_write_survives_a_sigkill(own_server: Server) -> None
 
     while not writer.sending.is_set():  # kill it while a write is on its way
         pass
-    killed_at = time.monotonic()
-    server.process.kill()  # SIGKILL, in the middle of the stream
-    server.process.wait(10)
+    kill()
     thread.join(10)
     assert not thread.is_alive(), "the writer did not notice the server was gone"
     assert writer.failure is None, f"the writer failed: {writer.failure!r}"
-    acked = dict(writer.acked)
-    assert len(acked) >= ACKED_BEFORE_KILL
+    assert len(writer.acked) >= ACKED_BEFORE_KILL
+    return writer
 
-    server.start()  # the same port, the same data directory
-    restarted_in = time.monotonic() - killed_at
 
+def assert_every_acknowledged_write_is_there(url: str, acked: dict[str, str]) -> int:
+    """Each document at its acknowledged revision, or at a later one that descends from it.
+
+    Returns how many are at a later revision (a write in flight at the kill landed).
+    """
+    admin = requests.Session()
+    admin.auth = ADMIN
     current: dict[str, dict[str, Any]] = {}
     ids = sorted(acked)
     for start in range(0, len(ids), 500):
         rows = admin.post(
-            f"{server.url}{DB}/_all_docs", json={"keys": ids[start : start + 500]}, timeout=30
+            f"{url}{DB}/_all_docs", json={"keys": ids[start : start + 500]}, timeout=30
         ).json()["rows"]
         current.update({row["key"]: row for row in rows})
     missing = [doc_id for doc_id in ids if "value" not in current[doc_id]]
@@ -180,20 +184,41 @@ def test_every_acknowledged_write_survives_a_sigkill(own_server: Server) -> None
             older.append((doc_id, rev, stored))
             continue
         # a later revision (a write in flight at the kill landed): it must descend from ours
-        history = admin.get(
-            f"{server.url}{DB}/{doc_id}", params={"revs": "true"}, timeout=10
-        ).json()["_revisions"]
+        history = admin.get(f"{url}{DB}/{doc_id}", params={"revs": "true"}, timeout=10).json()[
+            "_revisions"
+        ]
         position = history["start"] - rev_number(rev)
         assert history["ids"][position] == rev.split("-", 1)[1], (doc_id, rev, history)
         later += 1
     assert not older, f"{len(older)} document(s) went back to an older revision: {older[:5]}"
 
     # Nothing stored is damaged: every document reads back whole.
-    everything = admin.get(
-        f"{server.url}{DB}/_all_docs", params={"include_docs": "true"}, timeout=30
-    ).json()
-    assert len(everything["rows"]) >= len(acked)
-    assert all(isinstance(row["doc"].get("n"), int) for row in everything["rows"])
+    everything = admin.get(f"{url}{DB}/_all_docs", params={"include_docs": "true"}, timeout=30)
+    rows = everything.json()["rows"]
+    assert len(rows) >= len(acked)
+    assert all(isinstance(row["doc"].get("n"), int) for row in rows)
+    return later
+
+
+def test_every_acknowledged_write_survives_a_sigkill(own_server: Server) -> None:
+    server = own_server
+    admin = requests.Session()
+    admin.auth = ADMIN
+    assert admin.put(server.url + DB, timeout=10).status_code == 201
+
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        server.process.kill()  # SIGKILL, in the middle of the stream
+        server.process.wait(10)
+
+    writer = write_until_killed(server.url, kill)
+    acked = dict(writer.acked)
+
+    server.start()  # the same port, the same data directory
+    restarted_in = time.monotonic() - killed_at[0]
+    later = assert_every_acknowledged_write_is_there(server.url, acked)
 
     # The restarted server works, and its configuration is still closed to anonymous requests.
     assert admin.put(f"{server.url}{DB}/after-restart", json={"ok": 1}, timeout=10).ok

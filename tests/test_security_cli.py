@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from conftest import REPO, after_cli, new_task, wait_for
 from test_roles import PUBLIC, Users, after_users
 
 from after import embedded
+from after.cli import process_running
 from after.config import Config, ConfigError, redact, split_credentials
 from after.couch import Forbidden, Server
 from after.push import push
 from after.security import LOCK_COMMAND, admin_party, security_object, user_context
+from after.supervisor import read_state
 
 WARNING = 'is in "admin party"'
 
@@ -436,34 +439,58 @@ def anonymous_roles(url: str) -> list[str]:
     return requests.get(url + "_session", timeout=5).json()["userCtx"]["roles"]
 
 
-def test_lock_gives_a_running_daemon_an_admin_and_restarts_it(
-    embedded_home: tuple[dict[str, str], int],
+@pytest.mark.parametrize("how", ["--daemon", "foreground"])
+def test_lock_gives_a_running_server_an_admin_and_has_its_supervisor_restart_it(
+    embedded_home: tuple[dict[str, str], int], how: str
 ) -> None:
     env, port = embedded_home
     url = f"http://127.0.0.1:{port}/"
-    started = after_cli(env, "couchdb", "--daemon", "--port", str(port))
-    assert started.returncode == 0, output(started)
-    assert admin_party(url)
     home = Path(env["AFTER_HOME"])
-    old_pid = int((home / "couchdb.pid").read_text())
+    foreground = None
+    if how == "--daemon":
+        started = after_cli(env, "couchdb", "--daemon", "--port", str(port))
+        assert started.returncode == 0, output(started)
+    else:
+        foreground = subprocess.Popen(
+            [sys.executable, "-m", "after", "couchdb", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: read_state(home / "couchdb.json").get("url") == url, timeout=60)
+    try:
+        assert admin_party(url)
+        supervisor_pid = int((home / "couchdb.pid").read_text())
+        old_server_pid = read_state(home / "couchdb.json")["server_pid"]
 
-    password = secrets.token_urlsafe(12)
-    locked = after_cli(
-        {**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock", "--user", "root"
-    )
-    assert locked.returncode == 0, output(locked)
-    assert "locked" in locked.stdout and url in locked.stdout
-    assert password not in output(locked)
+        password = secrets.token_urlsafe(12)
+        locked = after_cli(
+            {**env, "AFTER_ADMIN_PASSWORD": password}, "couchdb", "lock", "--user", "root"
+        )
+        assert locked.returncode == 0, output(locked)
+        assert "locked" in locked.stdout and url in locked.stdout
+        assert password not in output(locked)
 
-    assert not admin_party(url), "anonymous requests are anonymous now"
-    assert anonymous_roles(url) == []
-    assert user_context(Server(url, ("root", password))) == {"name": "root", "roles": ["_admin"]}
-    new_pid = int((home / "couchdb.pid").read_text())
-    assert new_pid != old_pid
-    stored = (home / "couchdb" / "config.json").read_text()
-    assert json.loads(stored)["admins"]["root"].startswith("-pbkdf2-")
-    assert password not in stored
-    assert (home / "couchdb").stat().st_mode & 0o077 == 0, "its data (and config) are private"
+        assert not admin_party(url), "anonymous requests are anonymous now"
+        assert anonymous_roles(url) == []
+        root = user_context(Server(url, ("root", password)))
+        assert root == {"name": "root", "roles": ["_admin"]}
+        # The supervisor stays; it replaced its server, which read the new config.json.
+        assert int((home / "couchdb.pid").read_text()) == supervisor_pid
+        assert process_running(supervisor_pid)
+        new_server_pid = read_state(home / "couchdb.json")["server_pid"]
+        assert new_server_pid != old_server_pid
+        assert f"(pid {new_server_pid})" in locked.stdout
+        assert not process_running(old_server_pid)
+        stored = (home / "couchdb" / "config.json").read_text()
+        assert json.loads(stored)["admins"]["root"].startswith("-pbkdf2-")
+        assert password not in stored
+        assert (home / "couchdb").stat().st_mode & 0o077 == 0, "its data (and config) are private"
+    finally:
+        if foreground is not None:
+            foreground.terminate()
+            assert foreground.wait(30) == 0
 
 
 def test_lock_before_the_server_starts_applies_when_it_starts(
