@@ -302,17 +302,27 @@ class Database:
         return self._json("GET", f"_design/{ddoc}/_view/{name}", params=params)
 
     def iter_view(
-        self, ddoc: str, name: str, page_size: int = 1000, **params: Any
+        self,
+        ddoc: str,
+        name: str,
+        page_size: int = 1000,
+        first_page: int | None = None,
+        **params: Any,
     ) -> Iterator[dict]:
-        """Every row of a (non-reduced) view range, fetched a page at a time."""
-        params = {"reduce": False, **params, "limit": page_size + 1}
+        """Every row of a (non-reduced) view range, fetched a page at a time.
+
+        A smaller `first_page` gets the first rows to the caller sooner.
+        """
+        size = first_page or page_size
+        params = {"reduce": False, **params}
         while True:
-            page = self.view(ddoc, name, **params)["rows"]
-            yield from page[:page_size]
-            if len(page) <= page_size:
+            page = self.view(ddoc, name, **params, limit=size + 1)["rows"]
+            yield from page[:size]
+            if len(page) <= size:
                 return
             # The next page starts at the first row not yet returned (key, then doc id).
-            params.update(startkey=page[page_size]["key"], startkey_docid=page[page_size]["id"])
+            params.update(startkey=page[size]["key"], startkey_docid=page[size]["id"])
+            size = page_size
 
     # -- changes -------------------------------------------------------------
     def changes(self, **params: Any) -> dict[str, Any]:

@@ -54,6 +54,8 @@ CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
 # Seconds before claiming a task another live instance should claim (when it has
 # room), and before claiming one anyway when no instance had room for it.
 CLAIM_FALLBACK = 1.0
+# Rows of the first page read at start-up: small, so the first due tasks run soon.
+FIRST_PAGE = 100
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
 # For a task whose fields could not be parsed: it fails once, with the reason.
 NO_POLICY = runs.Policy(
@@ -147,6 +149,7 @@ class Worker:
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
         self.forgotten: OrderedDict[str, int] = OrderedDict()
+        self.start_up_error: Exception | None = None
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
@@ -164,14 +167,13 @@ class Worker:
             self.db.name,
             self.config.jobs.resolve(),
         )
-        self._read_current_state()
-        feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
-        feed.start()
+        start_up = threading.Thread(
+            target=self._start_up, args=(since,), name="after-start-up", daemon=True
+        )
+        start_up.start()
         self.keeper = threading.Thread(target=self._renew, name="after-lease", daemon=True)
         self.keeper.start()
         threading.Thread(target=self._housekeep, name="after-housekeeping", daemon=True).start()
-        self.ready.set()
-        self._write_state_file(force=True)
         try:
             while True:
                 try:
@@ -189,6 +191,8 @@ class Worker:
                 self._write_state_file()
         finally:
             self._shutdown()
+        if self.start_up_error is not None:
+            raise self.start_up_error
 
     def stop(self) -> None:
         """Ask the worker to stop: held tasks are handed back, running jobs finish."""
@@ -222,6 +226,24 @@ class Worker:
             )
         return info["update_seq"]
 
+    def _start_up(self, since: Any) -> None:
+        """On its own thread: read the current state, then follow the changes feed
+        from `since`, the sequence taken before that read (so nothing is missed).
+
+        Each page read goes to the control thread at once, so the first due tasks
+        are claimed and run while later pages are still being read.
+        """
+        try:
+            self._read_current_state()
+        except Exception as exc:  # e.g. the server went away: the worker cannot start
+            self.start_up_error = exc
+            self.control.put(None)
+            return
+        feed = threading.Thread(target=self._follow, args=(since,), name="after-feed", daemon=True)
+        feed.start()
+        self.ready.set()
+        self.control.put(lambda: self._write_state_file(force=True))
+
     def _read_current_state(self) -> None:
         """The active tasks of this worker, paged, oldest first within each status.
 
@@ -232,19 +254,30 @@ class Worker:
         horizon_end = tasks.iso(tasks.now() + self.horizon)
         for status in tasks.ACTIVE:
             end = horizon_end if status in ("waiting", "reschedule") else {}
+            page: list[Doc] = []
             for doc in self._tasks_in(status, end):
-                try:
-                    self._seen(doc, fresh=True)
-                except Exception:  # one unreadable task must not keep the worker from starting
-                    log.exception("task %s could not be read; skipped", doc.get("_id"))
-                count += 1
+                page.append(doc)
+                if len(page) >= FIRST_PAGE:
+                    self.control.put(lambda page=page: self._seen_all(page))
+                    count, page = count + len(page), []
+            if page:
+                self.control.put(lambda page=page: self._seen_all(page))
+                count += len(page)
         log.info("start-up: %d active task(s) read", count)
+
+    def _seen_all(self, docs: list[Doc]) -> None:
+        for doc in docs:
+            try:
+                self._seen(doc, fresh=True)
+            except Exception:  # one unreadable task must not keep the worker from starting
+                log.exception("task %s could not be read; skipped", doc.get("_id"))
 
     def _tasks_in(self, status: str, until: str | dict[str, Any]) -> Iterator[Doc]:
         rows = self.db.iter_view(
             DDOC,
             "by_worker",
             page_size=self.page_size,
+            first_page=FIRST_PAGE,
             include_docs=True,
             conflicts=True,
             startkey=[self.name, status],
@@ -986,7 +1019,10 @@ class Worker:
 
     # -- local state file (for `after list`) ----------------------------------------
     def _write_state_file(self, force: bool = False, running: bool = True) -> None:
-        if self.state_file is None or (not force and time.monotonic() - self._state_written < 1.0):
+        """The local state file; while running, it also tells the CLI that start-up is over."""
+        if self.state_file is None or (running and not self.ready.is_set()):
+            return
+        if not force and time.monotonic() - self._state_written < 1.0:
             return
         self._state_written = time.monotonic()
         state = {
