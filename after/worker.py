@@ -21,6 +21,7 @@ import contextlib
 import heapq
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -54,6 +55,8 @@ CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
 # Seconds before claiming a task another live instance should claim (when it has
 # room), and before claiming one anyway when no instance had room for it.
 CLAIM_FALLBACK = 1.0
+# Events queued for the control thread beyond which its news counts as late.
+NEWS_BACKLOG = 100
 # Rows of the first page read at start-up: small, so the first due tasks run soon.
 FIRST_PAGE = 100
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
@@ -150,6 +153,11 @@ class Worker:
         self.peers_wanted = threading.Event()
         self.forgotten: OrderedDict[str, int] = OrderedDict()
         self.start_up_error: Exception | None = None
+        # When the feed last brought a task written by each other instance (monotonic):
+        # an instance still working through its claims is not to be raced for them.
+        self.peer_active: dict[str, float] = {}
+        # How late the feed's news was when last measured, and when (monotonic).
+        self.news_lag, self.news_measured = 0.0, 0.0
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
@@ -450,6 +458,19 @@ class Worker:
                 self.lease.total_seconds(),
             )
 
+    def _peer_record_seen(self, record: Doc) -> None:
+        """A peer's record on the feed: one that starts (or renews) joins the claim
+        sharing at once, one that stopped leaves it. Judging a peer dead stays with
+        the lease readings, which watch its record for a whole lease."""
+        instance = record.get("instance")
+        if not isinstance(instance, str) or instance == self.instance:
+            return
+        live = record.get("state", "running") == "running" and records.is_live(record, tasks.now())
+        if live and not self.leases.get(instance):
+            self._set_leases({**self.leases, instance: True})
+        elif not live and record.get("state") in ("stopped", "lost") and instance in self.leases:
+            self._set_leases({**self.leases, instance: False})
+
     def _leases_read(self, leases: dict[str, bool]) -> None:
         """On the control thread: new leases; decide on tasks that waited for them."""
         self._set_leases(leases)
@@ -504,7 +525,11 @@ class Worker:
                 for change in changes:
                     since = change["seq"]
                     doc = change.get("doc")
-                    if doc and not change.get("deleted") and not self._known(doc):
+                    if not doc or change.get("deleted"):
+                        continue
+                    if doc.get("type") == "worker":
+                        self.control.put(lambda doc=doc: self._peer_record_seen(doc))
+                    elif not self._known(doc):
                         self.control.put(lambda doc=doc, seq=since: self._seen(doc, seq))
                     backoff = 0.5
             except Exception as exc:  # an outage, or anything else: the feed must go on
@@ -534,6 +559,7 @@ class Worker:
         """A version of a task, from the feed or (fresh=True) just read from a view."""
         if seq is not None:
             self.last_seq = seq
+            self._note_peer_write(doc)
         task_id = doc["_id"]
         state = self.states.get(task_id)
         conflicted = bool(doc.get("_conflicts"))
@@ -721,6 +747,39 @@ class Worker:
         order = self.claim_order
         return len(order) < 2 or order[zlib.crc32(task_id.encode()) % len(order)] == self.instance
 
+    def _note_peer_write(self, doc: Doc) -> None:
+        """A task another instance wrote, from the feed: that instance is at work,
+        and the write's own time tells how late our news is."""
+        owner = doc.get("owner")
+        if owner is None or owner == self.instance:
+            return
+        self.peer_active[owner] = time.monotonic()
+        status = doc.get("status")
+        stamp = doc.get("claimed_at") if status == "scheduled" else doc.get("finished_at")
+        if status in ("scheduled", "done", "err") and isinstance(stamp, str):
+            with contextlib.suppress(ValueError):
+                written = tasks.parse_date(stamp)
+                self.news_lag = (tasks.now() - written).total_seconds()
+                self.news_measured = time.monotonic()
+
+    def _first_claimer_may_be_at_work(self, task_id: str) -> bool:
+        """Is the task another instance's to claim first, and may that instance be
+        claiming it now: it wrote tasks within the last CLAIM_FALLBACK seconds, or
+        our news (feed, control queue) is too late to tell?"""
+        order = self.claim_order
+        if len(order) < 2:
+            return False
+        first = order[zlib.crc32(task_id.encode()) % len(order)]
+        if first == self.instance:
+            return False
+        now = time.monotonic()
+        if now - self.peer_active.get(first, -math.inf) < CLAIM_FALLBACK:
+            return True
+        late_news = (
+            self.news_lag > CLAIM_FALLBACK / 2 and now - self.news_measured < 5 * CLAIM_FALLBACK
+        )
+        return late_news or self.control.qsize() > NEWS_BACKLOG
+
     def _has_room_for(self, doc: Doc) -> bool:
         """Could this instance start the task on time, besides what it holds?"""
         due = tasks.parse_date(doc["date"]).timestamp()
@@ -737,6 +796,10 @@ class Worker:
             return
         if state.doc.get("status") not in ("waiting", "reschedule") or self.stopping.is_set():
             return
+        if self._first_claimer_may_be_at_work(task_id):
+            # Its instance is alive and still claiming (a burst), or our news is too
+            # late to tell: it gets to this one soon, and racing it makes conflicts.
+            return self._claim_later(task_id, CLAIM_FALLBACK, anyway)
         if anyway or self._has_room_for(state.doc):
             self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
         else:  # no room here either: the instance it belongs to claims it meanwhile, or we do

@@ -20,12 +20,14 @@ import json
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
 import pytest
 from conftest import new_task
 
+from after import records
 from after.couch import Conflict, Database, Forbidden, Server
 from after.push import load_rules, push
 
@@ -613,6 +615,14 @@ def test_the_worker_filter_delivers_only_that_workers_tasks(db: Database) -> Non
     assert filtered(db, "manobi") == mine
     assert filtered(db, "other") == {other, moved_away["_id"]}
     assert filtered(db, "nobody") == set()
+
+
+def test_the_worker_filter_delivers_the_records_of_that_workers_instances(db: Database) -> None:
+    instances = {"manobi": "manobi@host:1:aaaa", "other": "other@host:2:bbbb"}
+    for name, instance in instances.items():
+        db.put(records.new_record(name, instance, datetime.now(UTC)))
+    assert filtered(db, "manobi") == {records.record_id(instances["manobi"])}
+    assert filtered(db, "other") == {records.record_id(instances["other"])}
 
 
 @pytest.mark.parametrize("worker", ["42", "007", "true", "null"])

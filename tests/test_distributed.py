@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -112,6 +113,20 @@ def test_two_live_instances_run_each_task_exactly_once(
     docs = [wait_status(db, task_id, "done", timeout=30) for task_id in ids]
     assert sorted(int(line) for line in runs.read_text().split()) == list(range(60))
     assert {d["owner"] for d in docs} <= {first.instance, second.instance}
+
+
+def test_a_new_instance_joins_the_claim_sharing_at_once(db: Database, start_worker) -> None:
+    # Heartbeats far apart: only the changes feed can tell the first about the second soon.
+    first = start_worker(heartbeat=30.0, lease=90.0)
+    time.sleep(0.5)  # its first reading of the records is over
+    second = start_worker(heartbeat=30.0, lease=90.0)
+    joined = sorted([first.instance, second.instance])
+    wait_for(lambda: first.claim_order == joined, timeout=3)
+    ids = [create(db, date=in_seconds(1.0)) for _ in range(40)]
+    owners = Counter(wait_status(db, task_id, "done")["owner"] for task_id in ids)
+    assert set(owners) == set(joined), "each claims the tasks that are its own to claim"
+    second.stop()
+    wait_for(lambda: first.claim_order == [first.instance], timeout=10)
 
 
 def test_a_live_instance_keeps_its_tasks(db: Database, start_fast) -> None:
