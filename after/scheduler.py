@@ -240,6 +240,19 @@ class Scheduler:
                 logger.exception("could not submit the callback for %r", key)
 
 
+def wait_until(moment: float, spin: float = 0.001) -> None:
+    """Return at `moment` (seconds since the epoch), as punctually as a thread can.
+
+    It sleeps until `spin` seconds before, then busy-waits: a thread woken from
+    a sleep on a busy machine can be a few milliseconds late.
+    """
+    remaining = moment - time.time()
+    if remaining > spin:
+        time.sleep(remaining - spin)
+    while time.time() < moment:
+        pass
+
+
 def _call(key: Hashable, fn: Callable[[], object]) -> None:
     try:
         fn()

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from after.scheduler import Scheduler
+from after.scheduler import Scheduler, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -557,3 +557,18 @@ def test_invalid_arguments_are_rejected() -> None:
     with pytest.raises(TypeError):
         s.schedule(at(1), "not callable")  # type: ignore[arg-type]
     assert len(s) == 0
+
+
+def test_wait_until_returns_at_the_moment_not_before() -> None:
+    for ahead in (0.0005, 0.003, 0.02):
+        moment = time.time() + ahead
+        wait_until(moment)
+        returned = time.time()
+        assert returned >= moment
+        assert returned - moment < 0.05
+
+
+def test_wait_until_a_moment_past_returns_at_once() -> None:
+    began = time.monotonic()
+    wait_until(time.time() - 10)
+    assert time.monotonic() - began < 0.01
