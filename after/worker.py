@@ -42,7 +42,15 @@ from typing import Any
 from after import records, runs, tasks
 from after.capacity import ON_TIME, Pool
 from after.config import Config
-from after.couch import BulkWriter, Conflict, CouchError, NotFound, Server, Unreachable
+from after.couch import (
+    BulkWriter,
+    Conflict,
+    CouchError,
+    Forbidden,
+    NotFound,
+    Server,
+    Unreachable,
+)
 from after.jobs import JobContext, JobLoader, run_job, run_job_in_process, stop_job_process
 from after.scheduler import Scheduler, wait_until
 from after.tasks import Doc, Local, Step
@@ -58,8 +66,10 @@ CLAIM_FALLBACK = 1.0
 # Seconds before its date that a run is handed to a pool thread, which then waits
 # for the exact instant: the handover's own delay is not in the job's lateness.
 START_EARLY = 0.002
-# Events queued for the control thread beyond which its news counts as late.
+# Events queued for the control thread, or our writes not yet back on the feed,
+# beyond which this instance counts as busy with a burst (its news is late).
 NEWS_BACKLOG = 100
+ECHO_GIVEN_UP = 30.0  # seconds after which a write's echo is no longer expected
 # Rows of the first page read at start-up: small, so the first due tasks run soon.
 FIRST_PAGE = 100
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
@@ -159,8 +169,10 @@ class Worker:
         # When the feed last brought a task written by each other instance (monotonic):
         # an instance still working through its claims is not to be raced for them.
         self.peer_active: dict[str, float] = {}
-        # How late the feed's news was when last measured, and when (monotonic).
-        self.news_lag, self.news_measured = 0.0, 0.0
+        # Tasks we wrote whose version the feed has not brought back yet: id -> when the
+        # write was sent (monotonic). The oldest tells how late our news is.
+        self.echoes: OrderedDict[str, float] = OrderedDict()
+        self.echo_lock = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
@@ -502,9 +514,15 @@ class Worker:
             for doc in self._tasks_in(status, {}):
                 if doc.get("owner") == owner:
                     self.control.put(lambda doc=doc: self._seen(doc, fresh=True))
-        # A conflict means another instance reaped it first, or it came back: both are fine.
-        with contextlib.suppress(Conflict):
-            self.db.put(records.reaped(record, self.instance, tasks.now()))
+        for _ in range(3):
+            try:
+                self.db.put(records.reaped(record, self.instance, tasks.now()))
+                return
+            except (Conflict, Forbidden):  # PouchDB Server answers a stale write with 403
+                latest = self.db.get(record["_id"])
+                if latest is None or not records.needs_takeover(latest, tasks.now()):
+                    return  # reaped by another instance, or it came back: both are fine
+                record = latest
 
     def _sweep_horizon(self) -> None:
         """Claim the waiting tasks the horizon has reached since the last sweep."""
@@ -528,6 +546,9 @@ class Worker:
                 for change in changes:
                     since = change["seq"]
                     doc = change.get("doc")
+                    if self.echoes:
+                        with self.echo_lock:
+                            self.echoes.pop(change.get("id"), None)
                     if not doc or change.get("deleted"):
                         continue
                     if doc.get("type") == "worker":
@@ -651,6 +672,10 @@ class Worker:
                     # We could not start it on time: leave it to a peer with room for
                     # a moment, and claim it anyway (late beats never) if none takes it.
                     return self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
+            elif not self._claims_first(task_id):
+                # A dead instance's claim: the live instance it now falls to takes it
+                # over, the others only if that one has not after a moment.
+                return self._claim_later(task_id, CLAIM_FALLBACK, anyway=True)
             self._unhold(task_id, state)
             if doc.get("status") == "scheduled":
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
@@ -744,44 +769,61 @@ class Worker:
         when many tasks are held, so a burst's writes are done before it is due."""
         return self.lead + timedelta(seconds=min(5.0, len(self.timer) / 4000))
 
+    def _first_claimer(self, task_id: str) -> str:
+        """The live instance that claims this task at once. Rendezvous hashing: each
+        instance scores the task, the highest score wins, so when an instance joins
+        or leaves only its own share moves (the peers agree on the rest meanwhile)."""
+        order = self.claim_order
+        if len(order) < 2:
+            return order[0]
+        key = task_id.encode()
+        return max(order, key=lambda instance: zlib.crc32(key, zlib.crc32(instance.encode())))
+
     def _claims_first(self, task_id: str) -> bool:
         """Instances of one name share the claiming: each task has one live instance
         that claims it at once, so they do not all race for every task."""
-        order = self.claim_order
-        return len(order) < 2 or order[zlib.crc32(task_id.encode()) % len(order)] == self.instance
+        return self._first_claimer(task_id) == self.instance
 
     def _note_peer_write(self, doc: Doc) -> None:
-        """A task another instance wrote, from the feed: that instance is at work,
-        and the write's own time tells how late our news is."""
+        """A task another instance wrote, from the feed: that instance is at work."""
         owner = doc.get("owner")
-        if owner is None or owner == self.instance:
-            return
-        self.peer_active[owner] = time.monotonic()
-        status = doc.get("status")
-        stamp = doc.get("claimed_at") if status == "scheduled" else doc.get("finished_at")
-        if status in ("scheduled", "done", "err") and isinstance(stamp, str):
-            with contextlib.suppress(ValueError):
-                written = tasks.parse_date(stamp)
-                self.news_lag = (tasks.now() - written).total_seconds()
-                self.news_measured = time.monotonic()
+        if owner is not None and owner != self.instance:
+            self.peer_active[owner] = time.monotonic()
+
+    def _expect_echo(self, task_id: str) -> None:
+        """A write of the task is sent: the feed should bring it back soon."""
+        with self.echo_lock:
+            self.echoes.pop(task_id, None)
+            self.echoes[task_id] = time.monotonic()
+
+    def _forget_echo(self, task_id: str) -> None:
+        with self.echo_lock:
+            self.echoes.pop(task_id, None)
+
+    def _news_late(self) -> bool:
+        """Is our news more than half a fallback late: a write of ours sent that long
+        ago has not come back on the feed yet (the server or the feed lags)?"""
+        now = time.monotonic()
+        with self.echo_lock:
+            while self.echoes:  # an echo that never comes (the task left this worker)
+                task_id, acknowledged = next(iter(self.echoes.items()))
+                if now - acknowledged < ECHO_GIVEN_UP:
+                    return now - acknowledged > CLAIM_FALLBACK / 2
+                del self.echoes[task_id]
+        return False
 
     def _first_claimer_may_be_at_work(self, task_id: str) -> bool:
         """Is the task another instance's to claim first, and may that instance be
         claiming it now: it wrote tasks within the last CLAIM_FALLBACK seconds, or
         our news (feed, control queue) is too late to tell?"""
-        order = self.claim_order
-        if len(order) < 2:
-            return False
-        first = order[zlib.crc32(task_id.encode()) % len(order)]
+        first = self._first_claimer(task_id)
         if first == self.instance:
             return False
-        now = time.monotonic()
-        if now - self.peer_active.get(first, -math.inf) < CLAIM_FALLBACK:
+        if time.monotonic() - self.peer_active.get(first, -math.inf) < CLAIM_FALLBACK:
             return True
-        late_news = (
-            self.news_lag > CLAIM_FALLBACK / 2 and now - self.news_measured < 5 * CLAIM_FALLBACK
-        )
-        return late_news or self.control.qsize() > NEWS_BACKLOG
+        # While we ourselves have many writes in flight, it is a burst: peers have theirs.
+        in_flight = len(self.echoes) > NEWS_BACKLOG
+        return in_flight or self._news_late() or self.control.qsize() > NEWS_BACKLOG
 
     def _has_room_for(self, doc: Doc) -> bool:
         """Could this instance start the task on time, besides what it holds?"""
@@ -797,13 +839,17 @@ class Worker:
         state = self.states.get(task_id)
         if state is None or state.writing or state.local is not Local.NONE:
             return
-        if state.doc.get("status") not in ("waiting", "reschedule") or self.stopping.is_set():
+        status, owner = state.doc.get("status"), state.doc.get("owner")
+        taking_over = status == "scheduled" and owner is not None and not self._owner_alive(owner)
+        if (status not in ("waiting", "reschedule") and not taking_over) or self.stopping.is_set():
             return
         if self._first_claimer_may_be_at_work(task_id):
             # Its instance is alive and still claiming (a burst), or our news is too
             # late to tell: it gets to this one soon, and racing it makes conflicts.
             return self._claim_later(task_id, CLAIM_FALLBACK, anyway)
         if anyway or self._has_room_for(state.doc):
+            if taking_over:
+                log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
             self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
         else:  # no room here either: the instance it belongs to claims it meanwhile, or we do
             self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
@@ -829,6 +875,7 @@ class Worker:
     def _write(self, task_id: str, doc: Doc) -> None:
         state = self.states[task_id]
         state.writing = True
+        self._expect_echo(task_id)
         self.writer.write(
             doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row))
         )
@@ -839,6 +886,8 @@ class Worker:
             return
         state.writing = False
         newer, state.newer = state.newer, None
+        if row.get("error"):
+            self._forget_echo(task_id)  # refused: the feed may have nothing new to bring
         if row.get("error") and doc.get("status") == "running":
             self.pool.uncommit(task_id)  # the commit did not land: its slot is free again
             self._commit_waiting()
@@ -1061,6 +1110,7 @@ class Worker:
         policy = state.policy or NO_POLICY
         doc = runs.after_run_update(state.doc, policy, outcome, tasks.now(), spawned=state.spawned)
         state.writing = True
+        self._expect_echo(task_id)
 
         def on_result(row: dict[str, Any]) -> None:
             self.control.put(lambda: self._outcome_written(task_id, doc, outcome, row))
@@ -1074,6 +1124,8 @@ class Worker:
         if state is None:
             return
         state.writing = False
+        if row.get("error"):
+            self._forget_echo(task_id)
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)  # final: forgotten; a retry or repeat: claimed

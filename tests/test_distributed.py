@@ -371,3 +371,17 @@ def test_one_instance_still_runs_what_it_has_no_room_for_late_rather_than_never(
     then = create(db)
     doc = wait_status(db, then, "done", timeout=15)
     assert parse_date(doc["started_at"]) >= parse_date(db.get(first)["finished_at"])
+
+
+def test_when_an_instance_leaves_only_its_share_of_the_claims_moves(config: Config) -> None:
+    worker = Worker(config, "manobi")
+    peers = [f"manobi@host:{n}:0000" for n in range(3)]
+    worker._set_leases(dict.fromkeys(peers, True))
+    ids = [f"task-{n}" for n in range(2000)]
+    before = {task_id: worker._first_claimer(task_id) for task_id in ids}
+    shares = Counter(before.values())
+    assert len(shares) == 4 and min(shares.values()) > 400, shares  # about 500 each
+    worker._set_leases({**dict.fromkeys(peers, True), peers[0]: False})
+    after = {task_id: worker._first_claimer(task_id) for task_id in ids}
+    moved = {task_id for task_id in ids if before[task_id] != after[task_id]}
+    assert moved == {task_id for task_id in ids if before[task_id] == peers[0]}
