@@ -18,6 +18,7 @@ Threads, none of which blocks another:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import heapq
 import json
 import logging
@@ -30,7 +31,6 @@ import subprocess
 import threading
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -776,8 +776,13 @@ class Worker:
         order = self.claim_order
         if len(order) < 2:
             return order[0]
-        key = task_id.encode()
-        return max(order, key=lambda instance: zlib.crc32(key, zlib.crc32(instance.encode())))
+        # A real hash: a CRC is linear, and its scores would split the tasks unevenly.
+        return max(
+            order,
+            key=lambda instance: hashlib.blake2b(
+                f"{instance}\0{task_id}".encode(), digest_size=8
+            ).digest(),
+        )
 
     def _claims_first(self, task_id: str) -> bool:
         """Instances of one name share the claiming: each task has one live instance
