@@ -109,6 +109,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_running(pid: int) -> bool:
+    """pid_alive, but a zombie (exited, not reaped yet by its parent) does not count."""
+    if not pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: the signal test is all there is
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def terminate(pid: int, timeout: float) -> bool:
+    """SIGTERM a process and wait for it to exit; False if it still runs after timeout."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not process_running(pid)
+
+
 def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -268,11 +288,7 @@ def stop(name: str, timeout: float) -> None:
     if pid is None or not pid_alive(pid):
         paths.pid(name).unlink(missing_ok=True)
         fail(f"worker {name} is not running here")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
+    if not terminate(pid, timeout):
         fail(f"worker {name} (pid {pid}) is still finishing its jobs after {timeout:.0f} s")
     paths.pid(name).unlink(missing_ok=True)
     click.echo(f"worker {name} stopped")
@@ -847,17 +863,6 @@ def couchdb_state_path(paths: Paths) -> Path:
     return paths.home / "couchdb.json"
 
 
-def process_running(pid: int) -> bool:
-    """pid_alive, but a zombie (exited, not reaped yet by its parent) does not count."""
-    if not pid_alive(pid):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: the signal test is all there is
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
-
-
 def running_supervisor(paths: Paths) -> tuple[int, dict[str, Any]] | None:
     """The pid of the embedded server's supervisor, if one runs, and its state.
 
@@ -950,7 +955,7 @@ def start_supervisor_daemon(paths: Paths, port: int, directory: Path) -> None:
             reason = embedded.exit_reason(code) if known else last_line(log_path)
             fail(f"the embedded server did not start ({reason}); see {log_path}")
         if time.monotonic() > deadline:
-            terminate(daemon.pid, timeout=30)
+            terminate(daemon.pid, timeout=30)  # whether or not it stops, the start failed
             fail(f"the embedded server did not answer at 127.0.0.1:{port}; see {log_path}")
         time.sleep(0.1)
 
@@ -961,16 +966,6 @@ def last_line(path: Path) -> str:
         if lines:
             return lines[-1]
     return "no output"
-
-
-def terminate(pid: int, timeout: float) -> None:
-    """SIGTERM a process and wait until it has exited."""
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while process_running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if process_running(pid):
-        fail(f"the embedded server's supervisor (pid {pid}) did not stop within {timeout:.0f} s")
 
 
 @couchdb.command(name="stop")
@@ -985,7 +980,8 @@ def couchdb_stop() -> None:
         fail("the embedded server is not running")
     pid, state = running
     # The supervisor stops its server (up to 10 s before a SIGKILL), then itself.
-    terminate(pid, timeout=30)
+    if not terminate(pid, timeout=30):
+        fail(f"the embedded server's supervisor (pid {pid}) did not stop within 30 s")
     paths.couchdb_pid.unlink(missing_ok=True)
     couchdb_state_path(paths).unlink(missing_ok=True)
     server = f", server pid {state['server_pid']}" if state.get("server_pid") else ""

@@ -250,7 +250,7 @@ def wait_until(moment: float, spin: float = 0.001) -> None:
     if remaining > spin:
         time.sleep(remaining - spin)
     while time.time() < moment:
-        pass
+        pass  # busy-wait on purpose: at most `spin` seconds
 
 
 def _call(key: Hashable, fn: Callable[[], object]) -> None:

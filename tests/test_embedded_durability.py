@@ -146,7 +146,9 @@ def write_until_killed(url: str, kill: Callable[[], None]) -> Writer:
         time.sleep(0.01)
     assert thread.is_alive(), f"the writer stopped early: {writer.failure!r}"
 
-    while not writer.sending.is_set():  # kill it while a write is on its way
+    # Kill it while a write is on its way: a busy wait catches that moment, where a
+    # woken Event.wait() may come too late.
+    while not writer.sending.is_set():
         pass
     kill()
     thread.join(10)
