@@ -50,7 +50,7 @@ lint: install
 	$(BIN)/ruff format --check after tests jobs bench
 
 bench: install
-	$(BIN)/python -m bench $(if $(QUICK),--quick)
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PROFILE),--profile-server)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import requests
@@ -128,12 +128,18 @@ def seed_admin(data_dir: Path, admin: tuple[str, str]) -> None:
     temporary.replace(config_path)
 
 
-def command(port: int, data_dir: Path, admin: tuple[str, str] | None = None) -> list[str]:
+def command(
+    port: int,
+    data_dir: Path,
+    admin: tuple[str, str] | None = None,
+    node_flags: Sequence[str] = (),
+) -> list[str]:
     """The command line that runs the guarded server.
 
     With `admin` = (name, password) the admin is first written into
     data_dir/config.json (see seed_admin); without it an existing config's
-    admins apply, or none: "admin party", everyone is admin.
+    admins apply, or none: "admin party", everyone is admin. `node_flags` go
+    to Node.js itself (the benchmark's profiler preload).
     """
     node = shutil.which("node")
     if node is None:
@@ -148,6 +154,7 @@ def command(port: int, data_dir: Path, admin: tuple[str, str] | None = None) -> 
         seed_admin(data_dir, admin)
     return [
         node,
+        *node_flags,
         "--unhandled-rejections=warn",
         "--require",
         str(GUARD),
@@ -171,6 +178,8 @@ def start(
     detach: bool = False,
     admin: tuple[str, str] | None = None,
     die_with_parent: bool = False,
+    node_flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """Start the server in the background; its output goes to log_path.
 
@@ -180,7 +189,7 @@ def start(
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = command(port, data_dir, admin)
+    argv = command(port, data_dir, admin, node_flags)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             argv,
@@ -190,6 +199,7 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=detach,
             preexec_fn=parent_death_signal() if die_with_parent else None,
+            env=env,
         )
 
 

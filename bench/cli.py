@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from rich.markup import escape
 
 from after import __version__
 from after.config import redact
-from bench import report, scenarios
+from bench import profile, report, scenarios
 from bench.env import ROOT, Bench
 
 SCENARIOS = ["ceiling", "burst", "trickle", "scale", "peers"]
@@ -47,6 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="do not append to docs/benchmarks.md")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
+    p.add_argument("--profile-server", action="store_true",
+                   help="profile the embedded server's CPU during each scenario: a summary "
+                   "in RESULTS/profile-<scenario>.txt, the V8 profile beside it")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -89,6 +93,15 @@ def command_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(x) for x in [python, "-m", "bench", *args])
 
 
+def save_profile(key: str, path: Path, folder: Path) -> dict[str, Any]:
+    """Keep a scenario's server profile (for Chrome DevTools) and its summary in text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = profile.summarize_file(path)
+    shutil.copyfile(path, folder / f"profile-{key}.cpuprofile")
+    (folder / f"profile-{key}.txt").write_text(profile.as_text(key, summary))
+    return summary
+
+
 def misbehaved(result: dict[str, Any], n: int) -> str | None:
     if not result.get("all_done"):
         return "not every task reached done in time"
@@ -109,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(SCENARIOS)
     if unknown:
         console.print(f"[red]unknown scenario(s): {', '.join(sorted(unknown))}[/]")
+        return 2
+    if args.profile_server and args.url:
+        console.print("[red]--profile-server profiles the embedded server only: drop --url[/]")
         return 2
     n_burst = args.burst or (1_000 if quick else 10_000)
     trickle_s = args.trickle_seconds or (5.0 if quick else 30.0)
@@ -138,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         console.print(f"[bold]{key}[/] …", end=" ")
         try:
-            out = fn(*a, **kw)
+            if bench.profiler is not None:
+                bench.profiler.start()
+            try:
+                out = fn(*a, **kw)
+            finally:
+                if bench.profiler is not None:
+                    profile_summary = save_profile(key, bench.profiler.stop(), args.results)
+            if bench.profiler is not None:
+                out["server_profile"] = profile_summary
         except Exception as exc:
             message = " ".join(str(exc).split())
             if len(message) > 300:
@@ -152,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     console.print(f"After benchmark ({'quick' if quick else 'full'}): {results['command']}")
-    bench = Bench(args.url, keep=args.keep)
+    bench = Bench(args.url, keep=args.keep, profile=args.profile_server)
     try:
         results["server"] = {"kind": bench.server_kind, "url": redact(bench.url),
                              "version": bench.server_version}  # fmt: skip

@@ -21,6 +21,7 @@ from after import embedded
 from after.config import split_credentials
 from after.couch import Database, Server
 from after.push import push
+from bench.profile import ENV_DIR, PRELOAD, ServerProfiler
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -42,20 +43,35 @@ def check_loopback(url: str) -> None:
 class Bench:
     """A temp dir, a server (embedded unless a URL is given) and helpers around them."""
 
-    def __init__(self, url: str | None = None, keep: bool = False) -> None:
+    def __init__(self, url: str | None = None, keep: bool = False, profile: bool = False) -> None:
+        if profile and url is not None:
+            raise BenchError("--profile-server profiles the embedded server only")
         self.tmp = Path(tempfile.mkdtemp(prefix="after-bench-"))
         self.keep = keep
         self.process: subprocess.Popen | None = None
+        self.profiler: ServerProfiler | None = None
         self.jobs = self.tmp / "jobs"
         self.jobs.mkdir()
         (self.jobs / "noop.py").write_text(NOOP_JOB)
         if url is None:
             port = embedded.free_port()
             self.url = f"http://127.0.0.1:{port}/"
+            flags, env = (), None
+            if profile:  # the preload starts and stops V8's profiler on SIGUSR2
+                (self.tmp / "profiles").mkdir()
+                flags = ("--require", str(PRELOAD))
+                env = {**os.environ, ENV_DIR: str(self.tmp / "profiles")}
             self.process = embedded.start(
-                port, self.tmp / "couchdb", self.tmp / "couchdb.log", detach=True
+                port,
+                self.tmp / "couchdb",
+                self.tmp / "couchdb.log",
+                detach=True,
+                node_flags=flags,
+                env=env,
             )
             embedded.wait_healthy(self.url, timeout=60, process=self.process)
+            if profile:
+                self.profiler = ServerProfiler(self.process, self.tmp / "profiles")
             self.server_kind = "PouchDB Server (embedded)"
         else:
             check_loopback(url)

@@ -340,6 +340,9 @@ How it measures (see `bench/` for the code):
   end. Huey's pick-up is its `SIGNAL_SCHEDULED` (the consumer took the task into its
   schedule).
 - Times in After's documents have millisecond resolution.
+- `make bench PROFILE=1` (`--profile-server`) also runs V8's CPU profiler in the embedded
+  server during each scenario: a summary (self time by package and function, inclusive
+  time) in `bench/results/profile-<scenario>.txt`, the profile for Chrome DevTools beside it.
 """
 
 
@@ -382,6 +385,7 @@ def append_docs(results: dict[str, Any], path: Path = DOCS) -> None:
             f"{_fmt(sc.get('rss_after_due_done_mb'))} MB after the due ones, peak "
             f"{_fmt(sc.get('rss_peak_mb'))} MB.",
         ]
+    lines += profile_lines(results)
     lines += ["", "| target | value | limit | status |", "|---|---|---|---|"]
     for chk in results["targets"]:
         value, limit = _fmt(chk["value"]), _fmt(chk["limit"])
@@ -392,6 +396,24 @@ def append_docs(results: dict[str, Any], path: Path = DOCS) -> None:
     lines.append("")
     with open(path, "a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def profile_lines(results: dict[str, Any], top: int = 5) -> list[str]:
+    """One line per profiled scenario: where the server's main thread spent its time."""
+    lines = []
+    for key, scenario in results["scenarios"].items():
+        summary = scenario.get("server_profile")
+        if not summary:
+            continue
+        by_package = summary["self_by_package"][:top]
+        packages = ", ".join(f"{name} {share} %" for name, share in by_package)
+        calls = ", ".join(f"`{name}` {share} %" for name, share in summary["inclusive"][:top])
+        lines.append(
+            f"- Server profile, {key}: main thread busy {summary['busy_pct']} % of "
+            f"{summary['sampled_s']} s; self time {packages}; inclusive {calls} "
+            f"(bench/results/profile-{key}.txt)."
+        )
+    return ["", *lines] if lines else []
 
 
 def now_iso() -> str:

@@ -280,6 +280,8 @@ def burst(
             result["all_done_in_db_s"] = round(all_done_at - first, 3)
             result["throughput_db_per_s"] = rate(n, all_done_at - first)
         if check_view:
+            if bench.profiler is not None:  # the profile is the burst's, not the view build's
+                bench.profiler.stop()
             counts, took = by_status(db, timeout=max(30.0, n / 200))
             result["by_status_view"] = counts
             result["by_status_view_s"] = took

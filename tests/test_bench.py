@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.env import Bench, BenchError
+from bench.profile import summarize
 
 HAVE_PEERS = all(importlib.util.find_spec(name) for name in ("apscheduler", "sqlalchemy", "huey"))
 HAVE_PLOTS = importlib.util.find_spec("matplotlib") is not None
@@ -66,3 +68,56 @@ def test_bench_tiny_run_end_to_end(couch_url: str, tmp_path: Path) -> None:
     if HAVE_PLOTS:
         assert (tmp_path / "lateness.png").stat().st_size > 0
         assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_a_profile_summary_charges_native_code_to_its_javascript_caller() -> None:
+    """Root -> a leveldown function -> a native binding (no source), and idle time."""
+
+    def frame(node_id: int, name: str, url: str, children: list[int]) -> dict:
+        call = {"functionName": name, "url": url, "lineNumber": 0}
+        return {"id": node_id, "callFrame": call, "children": children}
+
+    leveldown = "file:///x/node_modules/leveldown/leveldown.js"
+    summary = summarize(
+        {
+            "nodes": [
+                frame(1, "(root)", "", [2, 4]),
+                frame(2, "LevelDOWN._get", leveldown, [3]),
+                frame(3, "", "", []),
+                frame(4, "(idle)", "", []),
+            ],
+            "samples": [3, 3, 3, 2, 4],
+            "timeDeltas": [100, 100, 100, 100, 600],
+        }
+    )
+    assert summary["sampled_s"] == 0.0  # 1 ms in all
+    assert summary["busy_pct"] == 40.0
+    assert summary["self_by_package"] == [["(idle)", 60.0], ["leveldown", 40.0]]
+    assert ["LevelDOWN._get leveldown/leveldown.js:1", 40.0] in summary["inclusive"]
+    assert ["(anonymous)", 30.0] in summary["self_by_function"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_profiles_the_embedded_server_per_scenario(tmp_path: Path) -> None:
+    argv = ["--quick", "--only", "burst", "--burst", "40", "--profile-server",
+            "--results", str(tmp_path), "--no-docs", "--no-plots"]  # fmt: skip
+    assert main(argv) == 0
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    for key in ("burst_1", "burst_4"):
+        summary = results["scenarios"][key]["server_profile"]
+        packages = dict(summary["self_by_package"])
+        assert any("pouchdb" in name or "level" in name for name in packages), packages
+        assert 0 < sum(packages.values()) <= 100.1
+        text = (tmp_path / f"profile-{key}.txt").read_text()
+        assert text.startswith(f"Server CPU profile, scenario {key}:")
+        assert json.loads((tmp_path / f"profile-{key}.cpuprofile").read_text())["samples"]
+
+
+def test_bench_refuses_to_profile_a_server_it_did_not_start(
+    couch_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--quick", "--url", couch_url, "--only", "burst", "--profile-server"]) == 2
+    assert "profiles the embedded server only" in capsys.readouterr().out
+    with pytest.raises(BenchError, match="embedded server only"):
+        Bench(couch_url, profile=True)
