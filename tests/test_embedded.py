@@ -263,6 +263,43 @@ def test_config_write_through_node_prefix_creates_no_admin(party: Running) -> No
     assert_healthy(party)
 
 
+# -- validate_doc_update: compiled once per design-document revision (a speed patch) --------
+
+
+def forbid(field: str) -> str:
+    return f"function (doc) {{ if (doc.{field}) {{ throw({{forbidden: 'no {field} here'}}); }} }}"
+
+
+def test_validation_follows_every_change_of_the_design_documents(party: Running) -> None:
+    """The guard keeps compiled validate functions while the design docs stay the same:
+    each new, changed or deleted design document applies from the next write."""
+    db = f"validated-{uuid.uuid4().hex[:8]}"
+    assert party.admin("PUT", db).status_code == 201
+
+    def write(field: str) -> requests.Response:
+        return party.request("POST", db, json={field: True})
+
+    first = party.admin("PUT", f"{db}/_design/first", json={"validate_doc_update": forbid("a")})
+    assert first.status_code == 201
+    assert write("a").status_code == 403 and write("a").json()["reason"] == "no a here"
+    assert write("b").status_code == 201
+
+    changed = {"_rev": first.json()["rev"], "validate_doc_update": forbid("b")}
+    assert party.admin("PUT", f"{db}/_design/first", json=changed).status_code == 201
+    assert write("a").status_code == 201
+    assert write("b").status_code == 403
+
+    second = party.admin("PUT", f"{db}/_design/second", json={"validate_doc_update": forbid("c")})
+    assert second.status_code == 201
+    assert write("c").status_code == 403 and write("b").status_code == 403
+
+    gone = party.admin("DELETE", f"{db}/_design/second?rev={second.json()['rev']}")
+    assert gone.status_code == 200
+    assert write("c").status_code == 201 and write("b").status_code == 403
+    assert party.admin("DELETE", db).status_code == 200
+    assert_healthy(party)
+
+
 # -- a server with a pre-seeded admin ---------------------------------------------------------
 
 
