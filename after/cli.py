@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from after import __version__, embedded, records, supervisor
+from after.client import format_duration
 from after.config import Config, ConfigError
 from after.couch import CouchError, Database, Forbidden, NotFound, Server
 from after.tasks import parse_date
@@ -414,18 +415,6 @@ def clean(name: str) -> None:
         fail(f"worker {name} has no log here ({path})")
     path.write_bytes(b"")
     click.echo(f"log of worker {name} emptied")
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {seconds}s"
 
 
 # -- tasks ---------------------------------------------------------------------------------

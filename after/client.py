@@ -517,11 +517,13 @@ def render_task(data: dict[str, Any], now_: datetime | None = None) -> Renderabl
 def _relative(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds < 0:
-        return f"overdue by {_span(-seconds)}"
-    return _span(seconds)
+        return f"overdue by {format_duration(-seconds)}"
+    return format_duration(seconds)
 
 
-def _span(seconds: int) -> str:
+def format_duration(seconds: float) -> str:
+    """A short, human span: "2d 3h", "4h 5m", "6m 7s"."""
+    seconds = int(seconds)
     days, seconds = divmod(seconds, 86400)
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
@@ -611,7 +613,7 @@ def _duration(ms: Any) -> str:
         return ""
     if ms < 1000:
         return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
-    return f"{ms / 1000:.1f} s" if ms < 60_000 else _span(int(ms / 1000))
+    return f"{ms / 1000:.1f} s" if ms < 60_000 else format_duration(int(ms / 1000))
 
 
 def _outcome(status: Any) -> Text:

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,24 +105,11 @@ def aps_process(args: list[str]) -> None:
         loaded_s = time.time() - began_wall
         expect_end = first_due + 60 + n / 50
     else:
-        per_s = n / seconds
-        tick, per_tick = 0.02, max(1, round(n / seconds * 0.02))
         began_wall = time.time()
-        k = i = 0
-        while i < n and time.time() - began_wall < seconds + 10:
-            pause = began_wall + k * tick - time.time()
-            if pause > 0:
-                time.sleep(pause)
-            at = time.time()
-            for j in range(min(per_tick, n - i)):
-                created[i] = at
-                add(i, at + 1.0 + j * tick / per_tick)
-                i += 1
-            k += 1
+        trickle(n, seconds, began_wall, created, add)
         loaded_s = time.time() - began_wall
         margin = None
         expect_end = time.time() + 60
-        del per_s
     all_done_at = None
     while time.time() < expect_end:
         with peer_jobs.APS_LOCK:
@@ -222,6 +210,29 @@ class HueyConsumer:
         os.environ.pop("BENCH_HUEY_DB", None)
 
 
+def trickle(
+    n: int,
+    seconds: float,
+    began_wall: float,
+    created: dict[int, float],
+    add: Callable[[int, float], None],
+) -> None:
+    """N tasks over `seconds`, a few every 20 ms, each due 1 s after it is added
+    (as the After trickle): `created` gets each one's creation time."""
+    tick, per_tick = 0.02, max(1, round(n / seconds * 0.02))
+    k = i = 0
+    while i < n and time.time() - began_wall < seconds + 10:
+        pause = began_wall + k * tick - time.time()
+        if pause > 0:
+            time.sleep(pause)
+        at = time.time()
+        for j in range(min(per_tick, n - i)):
+            created[i] = at
+            add(i, at + 1.0 + j * tick / per_tick)
+            i += 1
+        k += 1
+
+
 def huey_run(bench: Bench, scenario: str, n: int, seconds: float = 0.0) -> dict[str, Any]:
     consumer = HueyConsumer(bench, scenario)
     try:
@@ -248,18 +259,7 @@ def huey_run(bench: Bench, scenario: str, n: int, seconds: float = 0.0) -> dict[
             expect_end = first_due + 60 + n / 50
         else:
             margin = None
-            tick, per_tick = 0.02, max(1, round(n / seconds * 0.02))
-            k = i = 0
-            while i < n and time.time() - began_wall < seconds + 10:
-                pause = began_wall + k * tick - time.time()
-                if pause > 0:
-                    time.sleep(pause)
-                at = time.time()
-                for j in range(min(per_tick, n - i)):
-                    created[i] = at
-                    enqueue(i, at + 1.0 + j * tick / per_tick)
-                    i += 1
-                k += 1
+            trickle(n, seconds, began_wall, created, enqueue)
             expect_end = time.time() + 60
         loaded_s = time.time() - began_wall
         all_done_at = None
