@@ -283,6 +283,12 @@ def test_validation_follows_every_change_of_the_design_documents(party: Running)
     assert first.status_code == 201
     assert write("a").status_code == 403 and write("a").json()["reason"] == "no a here"
     assert write("b").status_code == 201
+    # the documents of one request share one reading of the design documents
+    docs = [{"_id": f"{field}{i}", field: 1} for i in range(3) for field in "ab"]
+    bulk = party.request("POST", f"{db}/_bulk_docs", json={"docs": docs})
+    assert bulk.status_code == 201  # (PouchDB Server lists the refused ones first)
+    refused = {row["id"]: row.get("error") for row in bulk.json()}
+    assert refused == {doc["_id"]: "forbidden" if "a" in doc else None for doc in docs}
 
     changed = {"_rev": first.json()["rev"], "validate_doc_update": forbid("b")}
     assert party.admin("PUT", f"{db}/_design/first", json=changed).status_code == 201

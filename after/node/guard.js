@@ -21,11 +21,11 @@
  *     unreachable end). Errors still reach listeners and the promise.
  *   - routes/db.js: `PUT /db` by a non-admin called `db.info` on a rejected
  *     promise (TypeError, process exit); it is refused with 401 first.
- *   - pouchdb-validation (speed, not safety): before each validated write it
+ *   - pouchdb-validation (speed, not safety): for each document written it
  *     read every design document and compiled their validate_doc_update
- *     functions again, two thirds of the cost of a write. The compiled
- *     functions are now kept per database while the design documents' ids
- *     and revisions stay the same (read on every write, as before), as
+ *     functions again, most of the cost of a write. Now the documents of one
+ *     request share one reading of the design documents' ids and revisions,
+ *     and the compiled functions are kept while those stay the same, as
  *     Apache CouchDB keeps them per design-document revision.
  *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
  *     `_design`, `_view` without a view, names without `ddoc/`) are refused
@@ -438,8 +438,13 @@ replaceInSource('pouchdb-validation/lib/index.js', [
   '}'
 ].join('\n'), [
   'function getValidationFunctions(db) {',
+  '  // The documents of one _bulk_docs request are validated in one synchronous loop:',
+  '  // they share one read of the design documents (a later request reads them again).',
+  '  if (db.__afterDesignDocsRead) {',
+  '    return db.__afterDesignDocsRead;',
+  '  }',
   '  var range = {startkey: "_design/", endkey: "_design0"};',
-  '  return db.allDocs(range).then(function (resp) {',
+  '  var read = db.__afterDesignDocsRead = db.allDocs(range).then(function (resp) {',
   '    var key = resp.rows.map(function (row) {',
   '      return row.id + "@" + row.value.rev;',
   '    }).join("\\n");',
@@ -453,6 +458,10 @@ replaceInSource('pouchdb-validation/lib/index.js', [
   '      return functions;',
   '    });',
   '  });',
+  '  process.nextTick(function () {',
+  '    db.__afterDesignDocsRead = null;',
+  '  });',
+  '  return read;',
   '}'
 ].join('\n'));
 applied['pouchdb-validation'] = true;
