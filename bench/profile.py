@@ -56,7 +56,7 @@ def _frame_name(node: dict[str, Any]) -> str:
     frame = node["callFrame"]
     url = frame["url"].split("node_modules/")[-1]
     where = f" {url}:{frame['lineNumber'] + 1}" if url else ""
-    return f"{frame['functionName'] or '(anonymous)'}{where}"
+    return f"{frame['functionName'] or ('(anonymous)' if url else '(native code)')}{where}"
 
 
 def _package(node_id: int, nodes: dict[int, dict[str, Any]], parent: dict[int, int]) -> str:

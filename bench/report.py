@@ -407,11 +407,10 @@ def profile_lines(results: dict[str, Any], top: int = 5) -> list[str]:
             continue
         by_package = summary["self_by_package"][:top]
         packages = ", ".join(f"{name} {share} %" for name, share in by_package)
-        calls = ", ".join(f"`{name}` {share} %" for name, share in summary["inclusive"][:top])
         lines.append(
             f"- Server profile, {key}: main thread busy {summary['busy_pct']} % of "
-            f"{summary['sampled_s']} s; self time {packages}; inclusive {calls} "
-            f"(bench/results/profile-{key}.txt)."
+            f"{summary['sampled_s']} s; self time {packages} "
+            f"(more in bench/results/profile-{key}.txt)."
         )
     return ["", *lines] if lines else []
 
