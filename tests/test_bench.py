@@ -94,7 +94,7 @@ def test_a_profile_summary_charges_native_code_to_its_javascript_caller() -> Non
     assert summary["busy_pct"] == 40.0
     assert summary["self_by_package"] == [["(idle)", 60.0], ["leveldown", 40.0]]
     assert ["LevelDOWN._get leveldown/leveldown.js:1", 40.0] in summary["inclusive"]
-    assert ["(anonymous)", 30.0] in summary["self_by_function"]
+    assert ["(native code)", 30.0] in summary["self_by_function"]
 
 
 @pytest.mark.timeout(120)
