@@ -11,6 +11,7 @@ test-artifacts/.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,25 @@ pytestmark = pytest.mark.timeout(600)
 
 
 # -- served by the database ---------------------------------------------------------------
+
+
+def test_the_dashboards_built_in_rules_are_the_rules_of_the_design_document() -> None:
+    """app.js carries a copy of the transitions for the moment before it has read
+    lib/rules.json; the copy must not drift from the table."""
+    source = (designdocs_dir() / "after" / "_attachments" / "app.js").read_text()
+    literal = source[source.index("var DEFAULT_RULES = ") + len("var DEFAULT_RULES = ") :]
+    literal = literal[: literal.index("\n  };") + len("\n  }")]
+    node = shutil.which("node")
+    assert node, "Node.js runs the embedded server; it is needed here too"
+    printed = subprocess.run(
+        [node, "-e", f"console.log(JSON.stringify({literal}))"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    rules = json.loads((designdocs_dir() / "after" / "lib" / "rules.json").read_text())
+    built_in = json.loads(printed)
+    assert built_in["transitions"] == rules["transitions"]
+    assert built_in["statuses"] == rules["statuses"]
+    assert built_in["record_prefix"] == rules["record_prefix"]
 
 
 def test_the_dashboard_files_compile_to_attachments_with_their_content_types() -> None:

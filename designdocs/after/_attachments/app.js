@@ -33,12 +33,14 @@
   var CHART_MINUTES = 30;
   var LATE_STATUSES = ['waiting', 'scheduled', 'reschedule'];
 
+  // Used until the design document's lib/rules.json is read (tests/test_dashboard.py
+  // keeps this copy equal to it).
   var DEFAULT_RULES = {
     statuses: ['waiting', 'scheduled', 'running', 'reschedule', 'cancel', 'canceled', 'done', 'err'],
     transitions: {
-      waiting: {scheduled: 'worker', cancel: 'client', reschedule: 'client'},
+      waiting: {scheduled: 'worker', running: 'worker', cancel: 'client', reschedule: 'client'},
       scheduled: {running: 'worker', waiting: 'worker', reschedule: 'client', cancel: 'client'},
-      reschedule: {scheduled: 'worker', waiting: 'worker'},
+      reschedule: {scheduled: 'worker', running: 'worker', waiting: 'worker'},
       cancel: {canceled: 'worker'},
       running: {done: 'worker', err: 'worker', waiting: 'worker', cancel: 'client'},
       err: {reschedule: 'client'},
