@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 run("burst_4_distinct", scenarios.burst, bench, n_burst, 4, False, rates)
         if "trickle" in only:
             run("trickle", scenarios.trickle, bench, args.trickle_rate, trickle_s)
+            # "run this now": each task due the moment it is created (lateness = created -> started)
+            now_rate, now_s = min(50, args.trickle_rate), min(trickle_s, 10.0)
+            run("trickle_now", scenarios.trickle, bench, now_rate, now_s, lead=0.0)
         if "scale" in only:
             run("scale", scenarios.scale, bench, future, due)
         if "peers" in only:

@@ -146,6 +146,7 @@ ROWS = [
     ("aps_burst", "APScheduler 3 burst"),
     ("huey_burst", "Huey burst"),
     ("trickle", "After trickle"),
+    ("trickle_now", "After run-now (due when created)"),
     ("aps_trickle", "APScheduler 3 trickle"),
     ("huey_trickle", "Huey trickle"),
 ]
@@ -331,6 +332,8 @@ How it measures (see `bench/` for the code):
 - trickle: 4 tasks every 20 ms (200/s) through `_bulk_docs`, each due 1 s after it is
   sent; pick-up = `claimed_at` - the moment the bench sent it (`pickup_from_ack_ms`: from
   the server's acknowledgement).
+- run-now: 50 tasks/s for 10 s, each due the moment the bench sends it, so its lateness
+  is the time from creation to the job's start (what a "run this now" request waits).
 - scale: future tasks due tomorrow plus tasks due now; the bench queries `by_worker` once
   before starting the worker (view build time reported), then measures spawn -> first
   `started_at` and the worker's RSS (psutil, sampled every 100 ms).

@@ -58,6 +58,8 @@ def test_bench_tiny_run_end_to_end(couch_url: str, tmp_path: Path) -> None:
         assert s[key]["throughput_db_per_s"] > 0
     assert s["trickle"]["statuses"] == {"done": 40}
     assert s["trickle"]["pickup_ms"]["n"] == 40
+    assert s["trickle_now"]["statuses"] == {"done": 40}
+    assert s["trickle_now"]["lead_s"] == 0.0
     assert s["scale"]["due_done"] == 20 and s["scale"]["first_run_s"] is not None
     assert {t["status"] for t in results["targets"]} <= {"PASS", "FAIL", "n/a"}
     assert len(results["targets"]) >= 8
