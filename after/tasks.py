@@ -161,11 +161,6 @@ def running_update(doc: Doc, me: str) -> Doc:
     return _update(doc, status="running", owner=me, attempt=int(doc.get("attempt", 0)) + 1)
 
 
-def claim_and_run_update(doc: Doc, me: str, at: datetime) -> Doc:
-    """A waiting task due now, claimed and committed in one write (`running`)."""
-    return running_update(claim_update(doc, me, at), me)
-
-
 def hand_back_update(doc: Doc) -> Doc:
     """Back to `waiting` for any instance to take (graceful stop, or rescheduled
     beyond the horizon)."""

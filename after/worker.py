@@ -679,8 +679,6 @@ class Worker:
             self._unhold(task_id, state)
             if doc.get("status") == "scheduled":
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
-            elif self._claim_and_commit(task_id, state):
-                return
             self._write(task_id, tasks.claim_update(doc, self.instance, tasks.now()))
         elif step is Step.HOLD:
             if self.stopping.is_set():
@@ -857,8 +855,6 @@ class Worker:
         if anyway or self._has_room_for(state.doc):
             if taking_over:
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
-            elif self._claim_and_commit(task_id, state):
-                return
             self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
         else:  # no room here either: the instance it belongs to claims it meanwhile, or we do
             self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
@@ -899,8 +895,6 @@ class Worker:
             self._forget_echo(task_id)  # refused: the feed may have nothing new to bring
         if row.get("error") and doc.get("status") == "running":
             self.pool.uncommit(task_id)  # the commit did not land: its slot is free again
-            if state.doc.get("status") in ("waiting", "reschedule"):
-                self._unhold(task_id, state)  # nor the claim that came with it: not ours
             self._commit_waiting()
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
@@ -990,32 +984,6 @@ class Worker:
             return
         self.pool.commit(task_id)
         self._write(task_id, tasks.running_update(state.doc, self.instance))
-
-    def _claim_and_commit(self, task_id: str, state: TaskState) -> bool:
-        """A waiting task due within the commit lead, with a pool slot free for it:
-        claim and commit it in one write (`running`), a round trip less before its
-        start and a write less for the server. Anything else (a misfire policy to
-        apply, fields that do not parse, no free slot) takes the usual way: claim,
-        hold, commit. True when the write is sent."""
-        doc, now = state.doc, tasks.now()
-        due = tasks.parse_date(doc["date"])
-        if due - self._commit_lead() > now or self.stopping.is_set():
-            return False
-        try:
-            policy = runs.policy_of(doc)
-        except ValueError:
-            return False
-        if due < now and runs.overdue_plan(doc, policy, now) is not None:
-            return False
-        until_run = max((due - now).total_seconds(), 0.0)
-        if not self.pool.can_commit(until_run + ON_TIME, time.monotonic()):
-            return False
-        state.policy, state.invalid, state.ends_without_run = policy, None, None
-        state.local, state.run_at = Local.HELD, due
-        self.pool.hold(task_id, due.timestamp())
-        self.pool.commit(task_id)
-        self._write(task_id, tasks.claim_and_run_update(doc, self.instance, now))
-        return True
 
     def _commit_waiting(self) -> None:
         """Commit the runs that waited for a slot, oldest date first, while there is room."""

@@ -58,28 +58,6 @@ def test_a_task_with_a_past_date_runs_at_once(db: Database, start_worker: StartW
     assert wait_status(db, task_id, "done", timeout=5)["result"]["started"] is True
 
 
-def statuses_written(db: Database, task_id: str) -> list[str]:
-    """The status of each revision of a task, oldest first."""
-    revisions = db.get(task_id, revs=True)["_revisions"]
-    numbered = zip(range(revisions["start"], 0, -1), revisions["ids"], strict=False)
-    return [db.get(task_id, rev=f"{n}-{rev}")["status"] for n, rev in reversed(list(numbered))]
-
-
-def test_a_task_due_now_is_claimed_and_committed_in_one_write(
-    db: Database, start_worker: StartWorker
-) -> None:
-    """Due within the commit lead and with a pool slot free, a task goes from waiting
-    to running in one write: one round trip less before it starts. A task due
-    later is claimed first, and committed shortly before its date."""
-    start_worker()
-    due_now = create(db, date=in_seconds(0))
-    due_later = create(db, date=in_seconds(1.5))
-    wait_status(db, due_now, "done")
-    wait_status(db, due_later, "done")
-    assert statuses_written(db, due_now) == ["waiting", "running", "done"]
-    assert statuses_written(db, due_later) == ["waiting", "scheduled", "running", "done"]
-
-
 def test_only_the_named_worker_takes_a_task(db: Database, start_worker: StartWorker) -> None:
     start_worker("manobi")
     other = create(db, worker="someone-else")

@@ -38,9 +38,9 @@
   var DEFAULT_RULES = {
     statuses: ['waiting', 'scheduled', 'running', 'reschedule', 'cancel', 'canceled', 'done', 'err'],
     transitions: {
-      waiting: {scheduled: 'worker', running: 'worker', cancel: 'client', reschedule: 'client'},
+      waiting: {scheduled: 'worker', cancel: 'client', reschedule: 'client'},
       scheduled: {running: 'worker', waiting: 'worker', reschedule: 'client', cancel: 'client'},
-      reschedule: {scheduled: 'worker', running: 'worker', waiting: 'worker'},
+      reschedule: {scheduled: 'worker', waiting: 'worker'},
       cancel: {canceled: 'worker'},
       running: {done: 'worker', err: 'worker', waiting: 'worker', cancel: 'client'},
       err: {reschedule: 'client'},
