@@ -71,12 +71,16 @@ class Pool:
             self._release(task_id)
             self.running[task_id] = at
 
-    def ended(self, task_id: str, at: float) -> None:
+    def ended(self, task_id: str, at: float, began: float | None = None) -> None:
+        """The run ended at `at`; `began` is when the job itself began, if known. A run
+        handed to a busy executor waits for a thread: that wait is not its run time
+        (counted in, a burst's queue would make every run look long, and the pool
+        refuse claims it has room for)."""
         with self.lock:
             start = self.running.pop(task_id, None)
             if start is None:
                 return
-            seconds = max(at - start, 0.0)
+            seconds = max(at - (start if began is None else max(began, start)), 0.0)
             if self.average is None:
                 self.average = seconds
             else:

@@ -63,6 +63,7 @@ CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
 # Seconds before claiming a task another live instance should claim (when it has
 # room), and before claiming one anyway when no instance had room for it.
 CLAIM_FALLBACK = 1.0
+DEFERRED_SWEEP = 0.25  # seconds between looks at the deferred claims
 # Seconds before its date that a run is handed to a pool thread, which then waits
 # for the exact instant: the handover's own delay is not in the job's lateness.
 START_EARLY = 0.002
@@ -162,6 +163,10 @@ class Worker:
         # The lease is renewed through its own HTTP session, on its own thread.
         self.lease_server = Server.from_config(config)
         self.claim_order: list[str] = [self.instance]  # live instances of this name, sorted
+        self.first_claimers: dict[str, str] = {}  # task id -> its first claimer, for claim_order
+        # Claims put off (another instance claims first, or no room): id -> (when, anyway).
+        self.deferred: dict[str, tuple[float, bool]] = {}
+        self.deferred_sweep = False  # a sweep of them is scheduled
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
         self.forgotten: OrderedDict[str, int] = OrderedDict()
@@ -351,7 +356,10 @@ class Worker:
         """Which peers are alive, as judged when their records were read (the control
         thread may apply this late; the judgement does not age with it)."""
         self.leases = alive
-        self.claim_order = sorted([self.instance, *(o for o, live in alive.items() if live)])
+        order = sorted([self.instance, *(o for o, live in alive.items() if live)])
+        if order != self.claim_order:
+            self.claim_order = order
+            self.first_claimers.clear()
 
     def _owner_alive(self, owner: str) -> bool:
         return self.leases.get(owner, False)
@@ -776,13 +784,16 @@ class Worker:
         order = self.claim_order
         if len(order) < 2:
             return order[0]
-        # A real hash: a CRC is linear, and its scores would split the tasks unevenly.
-        return max(
-            order,
-            key=lambda instance: hashlib.blake2b(
-                f"{instance}\0{task_id}".encode(), digest_size=8
-            ).digest(),
-        )
+        first = self.first_claimers.get(task_id)
+        if first is None:  # asked again at every fallback while a peer works through a burst
+            # A real hash: a CRC is linear, and its scores would split the tasks unevenly.
+            first = self.first_claimers[task_id] = max(
+                order,
+                key=lambda instance: hashlib.blake2b(
+                    f"{instance}\0{task_id}".encode(), digest_size=8
+                ).digest(),
+            )
+        return first
 
     def _claims_first(self, task_id: str) -> bool:
         """Instances of one name share the claiming: each task has one live instance
@@ -836,9 +847,27 @@ class Worker:
         return self.pool.can_claim(due, tasks.now().timestamp(), time.monotonic())
 
     def _claim_later(self, task_id: str, delay: float, anyway: bool) -> None:
-        action = lambda: self.control.put(lambda: self._claim_if_still_free(task_id, anyway))  # noqa: E731
-        at = tasks.now() + timedelta(seconds=delay)
-        self.timer.schedule(at, action, key=("claim", task_id))
+        """Claim the task after `delay` seconds if it is still free then. One sweep looks
+        at all such tasks: a burst defers thousands (each another instance's to claim
+        first), and a timer each cost most of an instance's CPU."""
+        self.deferred[task_id] = (time.monotonic() + delay, anyway)
+        self._sweep_later()
+
+    def _sweep_later(self) -> None:
+        if self.deferred and not self.deferred_sweep:
+            self.deferred_sweep = True
+            at = tasks.now() + timedelta(seconds=DEFERRED_SWEEP)
+            self.timer.schedule(at, lambda: self.control.put(self._sweep_deferred))
+
+    def _sweep_deferred(self) -> None:
+        """On the control thread: the deferred claims whose time has come."""
+        self.deferred_sweep = False
+        now = time.monotonic()
+        due = [(task_id, anyway) for task_id, (at, anyway) in self.deferred.items() if at <= now]
+        for task_id, anyway in due:
+            del self.deferred[task_id]
+            self._claim_if_still_free(task_id, anyway)  # which may defer it again
+        self._sweep_later()
 
     def _claim_if_still_free(self, task_id: str, anyway: bool) -> None:
         state = self.states.get(task_id)
@@ -868,8 +897,10 @@ class Worker:
 
     def _forget(self, task_id: str) -> None:
         state = self.states.pop(task_id, None)
+        self.first_claimers.pop(task_id, None)
         if state is not None:
             self.timer.cancel(task_id)
+            self.deferred.pop(task_id, None)  # a peer claimed it: no fallback to try
             self.pool.release(task_id)
             # Versions the feed read before we forgot it may still be queued: ignore them.
             self.forgotten[task_id] = tasks.rev_number(state.doc["_rev"])
@@ -1069,7 +1100,7 @@ class Worker:
         )
         if state.run_at is not None:
             wait_until(state.run_at.timestamp())  # the timer handed it over a moment early
-        started = tasks.now()
+        began, started = time.monotonic(), tasks.now()
         try:
             if state.invalid is not None:
                 raise ValueError(state.invalid)
@@ -1094,7 +1125,7 @@ class Worker:
             outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
             if not isinstance(exc, Exception):
                 log.warning("task %s: job %s raised %s", task_id, job["name"], type(exc).__name__)
-        self.pool.ended(task_id, time.monotonic())
+        self.pool.ended(task_id, time.monotonic(), began=began)
         self.control.put(lambda: self._finished(task_id, outcome))
 
     def _finished(self, task_id: str, outcome: dict[str, Any]) -> None:

@@ -89,6 +89,22 @@ def test_run_times_are_a_moving_average() -> None:
     assert pool.average == pytest.approx(1.6)
 
 
+def test_a_run_time_leaves_out_the_wait_for_a_thread() -> None:
+    """A burst hands hundreds of runs to a few threads at once: the last waits a while,
+    yet runs as briefly as the first, and the pool keeps room for the next claims."""
+    pool = Pool(slots=4)
+    for n in range(400):
+        pool.started(f"t{n}", CLOCK)
+    for n in range(400):
+        began = CLOCK + n * 0.001  # each waited for a thread, then ran a millisecond
+        pool.ended(f"t{n}", began + 0.001, began=began)
+    assert pool.average == pytest.approx(0.001)
+    assert pool.can_claim(NOW, NOW, CLOCK + 0.4)
+    pool.started("late", CLOCK)
+    pool.ended("late", CLOCK + 2.0)  # without `began`, from the hand-over
+    assert pool.average == pytest.approx(0.001 + 0.2 * (2.0 - 0.001))
+
+
 def test_releasing_is_idempotent_and_empties_the_books() -> None:
     pool = Pool(slots=1, average=1.0)
     pool.hold("a", NOW)
