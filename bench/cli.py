@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             f"start, {results['machine']['load_average_at_end'][0]} at the end on "
             f"{os.cpu_count()} CPUs): figures are pessimistic and noisy"
         )
+    if (uneven := report.uneven_trickle_note(results)) is not None:
+        notes.append(uneven)
     b1 = s.get("burst_1") or {}
     c = s.get("ceiling") or {}
     if b1.get("throughput_db_per_s") and c.get("ceiling_tasks_per_s"):

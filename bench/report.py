@@ -98,6 +98,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def uneven_trickle_note(results: dict[str, Any]) -> str | None:
+    """A note when the trickle did not run at its pace: its producer fell a whole tick or
+    more behind (the bench or the server was held up), which its lateness figures show."""
+    trickle = _get(results, "scenarios", "trickle") or {}
+    late = trickle.get("producer_late_ticks") or 0
+    if not late:
+        return None
+    ticks = round(trickle.get("seconds", 0) * 1000 / trickle.get("tick_ms", 1))
+    return (
+        f"the trickle's producer fell a tick or more behind {late} times (of {ticks:,} ticks): "
+        "the bench or the server was held up, and the trickle's figures show it"
+    )
+
+
 def peer_ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Each peer figure divided by After's (1 instance) for the same scenario."""
     s = results["scenarios"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench.cli import main
 from bench.env import Bench, BenchError
 from bench.profile import summarize
@@ -70,6 +71,16 @@ def test_bench_tiny_run_end_to_end(couch_url: str, tmp_path: Path) -> None:
     if HAVE_PLOTS:
         assert (tmp_path / "lateness.png").stat().st_size > 0
         assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_a_trickle_that_fell_behind_its_pace_is_noted() -> None:
+    trickle = {"seconds": 30.0, "tick_ms": 20.0, "producer_late_ticks": 0}
+    assert report.uneven_trickle_note({"scenarios": {"trickle": trickle}}) is None
+    assert report.uneven_trickle_note({"scenarios": {}}) is None
+    note = report.uneven_trickle_note(
+        {"scenarios": {"trickle": {**trickle, "producer_late_ticks": 40}}}
+    )
+    assert note is not None and "40 times (of 1,500 ticks)" in note
 
 
 def test_a_profile_summary_charges_native_code_to_its_javascript_caller() -> None:
