@@ -172,8 +172,7 @@ class Worker:
         self.forgotten: OrderedDict[str, int] = OrderedDict()
         self.start_up_error: Exception | None = None
         # When the feed last brought a task written by each other instance (monotonic):
-        # an instance still working through its claims is not to be raced for them
-        # (its claims come on our feed; its runs and outcomes do not).
+        # an instance still working through its claims is not to be raced for them.
         self.peer_active: dict[str, float] = {}
         # Tasks we wrote whose version the feed has not brought back yet: id -> when the
         # write was sent (monotonic). The oldest tells how late our news is.
@@ -551,7 +550,6 @@ class Worker:
                     conflicts=True,
                     filter=f"{DDOC}/worker",
                     worker=self.name,
-                    instance=self.instance,  # not the runs and outcomes of the peers' tasks
                 )
                 for change in changes:
                     since = change["seq"]

@@ -30,7 +30,6 @@ from conftest import new_task
 from after import records
 from after.couch import Conflict, Database, Forbidden, Server
 from after.push import load_rules, push
-from after.tasks import Local, Step, next_step
 
 RULES = load_rules()
 STATUSES: list[str] = RULES["statuses"]
@@ -624,58 +623,6 @@ def test_the_worker_filter_delivers_the_records_of_that_workers_instances(db: Da
         db.put(records.new_record(name, instance, datetime.now(UTC)))
     assert filtered(db, "manobi") == {records.record_id(instances["manobi"])}
     assert filtered(db, "other") == {records.record_id(instances["other"])}
-
-
-# What an instance's feed leaves out of the tasks another live instance owns.
-OWNERS_ONLY = {"running", "done", "err", "canceled"}
-
-
-@pytest.mark.parametrize("status", sorted(OWNERS_ONLY))
-def test_only_the_owner_acts_on_the_statuses_its_peers_feeds_leave_out(status: str) -> None:
-    doc = {"_id": "t", "_rev": "3-a", "status": status, "owner": "manobi@b:2:bbbb"}
-    peer = next_step(doc, "manobi@a:1:aaaa", Local.NONE, owner_alive=lambda owner: True)
-    assert peer is Step.FORGET
-
-
-def test_an_instance_feed_leaves_out_the_runs_and_outcomes_of_its_peers_tasks(
-    server: Server, db_name: str
-) -> None:
-    """Tasks in every status, owned by me, by a peer or nobody, and a conflicted one
-    (written before the design document: PouchDB Server drops replication-style writes
-    once a validate_doc_update exists)."""
-    db = server.database(db_name + "-instances")
-    db.create()
-    try:
-        me, peer = "manobi@a:1:aaaa", "manobi@b:2:bbbb"
-        ids: dict[tuple[str | None, str], str] = {}
-        for owner in (me, peer, None):
-            for status in STATUSES:
-                fields = {"owner": owner} if owner else {}
-                ids[owner, status] = db.post(task(worker="manobi", status=status, **fields))[0]
-        # The peer's run wins (the higher revision id): only the conflict lets it through.
-        conflicted = db.post(task(worker="manobi", status="running", owner=peer))[0]
-        other_side = {
-            **task(worker="manobi", status="scheduled", owner=me),
-            "_id": conflicted,
-            "_rev": f"1-{'0' * 32}",
-        }
-        body = {"docs": [other_side], "new_edits": False}  # as a replication brings it
-        db.server.json("POST", f"{db.path}/_bulk_docs", body=body)
-        winner = db.get(conflicted, conflicts=True)
-        assert winner.get("_conflicts") and winner["owner"] == peer, "the test needs a conflict"
-        push(db)
-
-        def seen(**query: str) -> set[str]:
-            rows = db.changes(filter="after/worker", conflicts=True, **query)["results"]
-            return {row["id"] for row in rows}
-
-        everything = set(ids.values()) | {conflicted}
-        assert seen(worker="manobi") == everything  # without `instance`: all of them
-        mine, theirs = ({ids[owner, status] for status in OWNERS_ONLY} for owner in (me, peer))
-        assert seen(worker="manobi", instance=me) == everything - theirs
-        assert seen(worker="manobi", instance=peer) == everything - mine
-    finally:
-        db.delete()
 
 
 @pytest.mark.parametrize("worker", ["42", "007", "true", "null"])

@@ -27,14 +27,6 @@
  *     request share one reading of the design documents' ids and revisions,
  *     and the compiled functions are kept while those stay the same, as
  *     Apache CouchDB keeps them per design-document revision.
- *   - continuous changes feeds (speed, not safety), each of which runs a
- *     one-off scan after every write: pouchdb-utils moves a filtered feed past
- *     the changes its filter left out (it read them all again at every
- *     write); pouchdb-adapter-leveldb-core lets the feeds of a database share
- *     each document's metadata read (N feeds made N reads of it) until the
- *     next write; routes/changes.js writes the changes of one turn of the
- *     event loop together (one chunk and system call each, before). With
- *     four workers following a database, its feeds cost about half as much.
  *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
  *     `_design`, `_view` without a view, names without `ddoc/`) are refused
  *     with 400 before they reach PouchDB.
@@ -63,7 +55,6 @@ var EXIT_FATAL = 70; // EX_SOFTWARE: an uncaught exception
 var EXIT_LISTEN = 71; // the server could not listen (port in use, ...)
 var EXIT_REFUSED = 78; // EX_CONFIG: not the pinned, unmodified PouchDB Server
 var TAG = 'after-embedded-guard:';
-var SHARED_METADATA = 10000; // documents whose metadata the changes feeds share at most
 
 // The files patched or relied on, as published in the pinned npm packages.
 var EXPECTED_SHA256 = {
@@ -94,11 +85,7 @@ var EXPECTED_SHA256 = {
   'pouchdb-security/lib/index.js':
     '5c976f9a5a42aa429c5a7594160d16c5f32ed5290cdf9e8f4f38258699199457',
   'pouchdb-validation/lib/index.js':
-    '568f321f8302df1a18fe30d9d5eaf8e300e23b8b6810adb06a673afb53877ed3',
-  'pouchdb-adapter-leveldb-core/lib/index.js':
-    'a1b65bdd715de36ac02b63f7c146826fbd7710d4543f1ebb694585a3491b028a',
-  'pouchdb-utils/lib/index.js':
-    '3a936aceadfcf42d45b0311990de62f49d9bda97dd478faa10b2a70efc743315'
+    '568f321f8302df1a18fe30d9d5eaf8e300e23b8b6810adb06a673afb53877ed3'
 };
 
 // Paths only a server admin may use (routes/authorization.js), checked again
@@ -191,19 +178,13 @@ var changeslikeDir = path.dirname(
   resolveFrom(securityDir, 'pouchdb-changeslike-wrapper/package.json'));
 
 var validationDir = path.dirname(resolveFrom(expressDir, 'pouchdb-validation/package.json'));
-// The LevelDB adapter the server's databases use, and the utilities it runs changes with.
-var levelDir = path.dirname(resolveFrom(serverDir, 'pouchdb-adapter-leveldb/package.json'));
-var levelCoreDir = path.dirname(resolveFrom(levelDir, 'pouchdb-adapter-leveldb-core/package.json'));
-var utilsDir = path.dirname(resolveFrom(levelCoreDir, 'pouchdb-utils/package.json'));
 
 var packageDirs = {
   'pouchdb-server': serverDir,
   'express-pouchdb': expressDir,
   'pouchdb-security': securityDir,
   'pouchdb-changeslike-wrapper': changeslikeDir,
-  'pouchdb-validation': validationDir,
-  'pouchdb-adapter-leveldb-core': levelCoreDir,
-  'pouchdb-utils': utilsDir
+  'pouchdb-validation': validationDir
 };
 
 function fileOf(relative) {
@@ -236,23 +217,19 @@ function replaceExports(relative, makeExports) {
   require.cache[file].exports = makeExports(original);
 }
 
-// Load a module from its source with passages replaced: pairs [passage,
-// replacement] (the file's digest was checked above, so each passage is there
-// exactly once).
-function replaceInSource(relative, replacements) {
+// Load a module from its source with one passage replaced (the file's digest was
+// checked above, so the passage is there exactly once).
+function replaceInSource(relative, passage, replacement) {
   var Module = require('module');
   var file = require.resolve(fileOf(relative));
   var source = fs.readFileSync(file, 'utf8');
-  replacements.forEach(function (pair) {
-    if (source.split(pair[0]).length !== 2) {
-      refuse('cannot patch ' + file + ': the passage to replace is not there once');
-    }
-    source = source.replace(pair[0], function () { return pair[1]; });
-  });
+  if (source.split(passage).length !== 2) {
+    refuse('cannot patch ' + file + ': the passage to replace is not there once');
+  }
   var patched = new Module(file, module);
   patched.filename = file;
   patched.paths = Module._nodeModulePaths(path.dirname(file));
-  patched._compile(source, file);
+  patched._compile(source.replace(passage, function () { return replacement; }), file);
   patched.loaded = true;
   require.cache[file] = patched;
 }
@@ -272,8 +249,7 @@ function beforeRoutes(name, before) {
 function checkAllPatchesApplied() {
   var missing = [
     'create-or-delete-dbs', 'utils.setDBOnReq', 'pouchdb-changeslike-wrapper',
-    'pouchdb-validation', 'pouchdb-utils', 'pouchdb-adapter-leveldb-core',
-    'routes/changes batching',
+    'pouchdb-validation',
     'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
   ].filter(function (name) {
     return !applied[name];
@@ -452,7 +428,7 @@ replaceExports('pouchdb-changeslike-wrapper/lib/index.js', function () {
 
 // --- pouchdb-validation: compile the validate functions once per design-doc revision ---
 
-replaceInSource('pouchdb-validation/lib/index.js', [[[
+replaceInSource('pouchdb-validation/lib/index.js', [
   'function getValidationFunctions(db) {',
   '  return db.allDocs({',
   '    startkey: "_design/",',
@@ -487,141 +463,8 @@ replaceInSource('pouchdb-validation/lib/index.js', [[[
   '  });',
   '  return read;',
   '}'
-].join('\n')]]);
+].join('\n'));
 applied['pouchdb-validation'] = true;
-
-// --- continuous changes feeds: less work for each feed (speed, not safety) ---------
-
-// A continuous feed runs a one-off changes() from its last sequence after every
-// write. That sequence only moved on changes the filter let through, so each run
-// read again everything the filter had left out since; now it moves past what
-// was read, as CouchDB's feeds do.
-replaceInSource('pouchdb-utils/lib/index.js', [[[
-  "    }).on('complete', function () {",
-  "      if (inprogress === 'waiting') {"
-].join('\n'), [
-  "    }).on('complete', function (resp) {",
-  "      var read = resp && resp.last_seq;",
-  "      if (typeof read === 'number' && typeof opts.since === 'number' &&",
-  "          read > opts.since && !opts.cancelled) {",
-  "        opts.since = read; // After's guard: past the changes left out too",
-  "      }",
-  "      if (inprogress === 'waiting') {"
-].join('\n')]]);
-applied['pouchdb-utils'] = true;
-
-// Each feed read each changed document's metadata (revision tree, winning
-// sequence) for itself: N feeds, N reads of the same key. The feeds of a
-// database now share the reads: one read at a time per document, kept until the
-// next write starts or ends (every write under the adapter's lock clears them),
-// and at most SHARED_METADATA documents.
-replaceInSource('pouchdb-adapter-leveldb-core/lib/index.js', [[[
-  '      // metadata not cached, have to go fetch it',
-  '      stores.docStore.get(doc._id, function (err, metadata) {'
-].join('\n'), [
-  '      // metadata not cached: read it, or share a read of it (After\'s guard)',
-  '      sharedMetadata(doc._id, function (err, metadata) {'
-].join('\n')], [[
-  '  function runWriteOperation(firstTask) {',
-  '    var args = firstTask.args;',
-  '    var callback = args[args.length - 1];',
-  '    args[args.length - 1] = getArguments(function (cbArgs) {',
-  '      callback.apply(null, cbArgs);'
-].join('\n'), [
-  '  // After\'s guard: document metadata read by the changes feeds, shared by them.',
-  '  function sharedMetadata(id, callback) {',
-  '    var shared = db.__afterMetadata || (db.__afterMetadata = {writes: 0, docs: new Map()});',
-  '    var entry = shared.docs.get(id);',
-  '    if (entry && entry.metadata) {',
-  '      return callback(null, entry.metadata);',
-  '    }',
-  '    if (entry) {',
-  '      return entry.waiting.push(callback);',
-  '    }',
-  '    if (shared.docs.size >= ' + SHARED_METADATA + ') {',
-  '      shared.docs.clear();',
-  '    }',
-  '    entry = {metadata: null, waiting: [callback]};',
-  '    shared.docs.set(id, entry);',
-  '    var writes = shared.writes;',
-  '    stores.docStore.get(id, function (err, metadata) {',
-  '      if (shared.docs.get(id) === entry) {',
-  '        if (err || writes !== shared.writes) {',
-  '          shared.docs.delete(id); // a write ran meanwhile: it may have changed it',
-  '        } else {',
-  '          entry.metadata = metadata;',
-  '        }',
-  '      }',
-  '      entry.waiting.forEach(function (waiting) {',
-  '        waiting(err, metadata);',
-  '      });',
-  '      entry.waiting = null;',
-  '    });',
-  '  }',
-  '  function forgetSharedMetadata() {',
-  '    if (db.__afterMetadata) {',
-  '      db.__afterMetadata.writes++;',
-  '      db.__afterMetadata.docs.clear();',
-  '    }',
-  '  }',
-  '',
-  '  function runWriteOperation(firstTask) {',
-  '    forgetSharedMetadata();',
-  '    var args = firstTask.args;',
-  '    var callback = args[args.length - 1];',
-  '    args[args.length - 1] = getArguments(function (cbArgs) {',
-  '      forgetSharedMetadata();',
-  '      callback.apply(null, cbArgs);'
-].join('\n')], [
-  '    changeStream.pipe(throughStream);',
-  [
-    '    changeStream.pipe(throughStream);',
-    '    // After\'s guard: a change waits for its metadata before the next is looked at,',
-    '    // one read per turn of a busy event loop; start the reads of the changes',
-    '    // buffered behind it meanwhile (they are shared, so each is read once).',
-    '    changeStream.on(\'data\', function (data) {',
-    '      if (!opts.cancelled && !opts.done && data.value && data.value._id) {',
-    '        sharedMetadata(data.value._id, function () {});',
-    '      }',
-    '    });'
-  ].join('\n')
-]]);
-applied['pouchdb-adapter-leveldb-core'] = true;
-
-// A continuous feed wrote each change on its own: one chunk and one system call
-// per change and feed, and as many reads for the client. The changes of one
-// turn of the event loop now go out together.
-replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
-  "        req.db.changes(req.query).on('change', function (change) {",
-  "          written = true;",
-  "          utils.writeJSON(res, change);",
-  "        }).on('error', function (err) {",
-  "          if (!written) {",
-  "            utils.sendError(res, err);",
-  "          } else {",
-  "            res.end();"
-].join('\n'), [
-  "        var lines = []; // After's guard: written together, once per turn",
-  "        var flush = function () {",
-  "          if (lines.length && !res.writableEnded) {",
-  "            res.write(Buffer.from(lines.join(''), 'utf8'));",
-  "          }",
-  "          lines = [];",
-  "        };",
-  "        req.db.changes(req.query).on('change', function (change) {",
-  "          written = true;",
-  "          if (!lines.length) {",
-  "            setImmediate(flush);",
-  "          }",
-  "          lines.push(JSON.stringify(change) + '\\n');",
-  "        }).on('error', function (err) {",
-  "          if (!written) {",
-  "            utils.sendError(res, err);",
-  "          } else {",
-  "            flush();",
-  "            res.end();"
-].join('\n')]]);
-applied['routes/changes batching'] = true;
 
 // --- /_node and admin-only paths ------------------------------------------------
 
