@@ -27,10 +27,7 @@
  *     request share one reading of the design documents' ids and revisions,
  *     and the compiled functions are kept while those stay the same, as
  *     Apache CouchDB keeps them per design-document revision.
- *   - routes/changes.js: a continuous feed is stopped when its client goes
- *     (it went on reading every change of its database, for nobody, with its
- *     heartbeat timer, until the server stopped: each closed feed made every
- *     later write dearer). Filters PouchDB Server cannot serve (`_selector`,
+ *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
  *     `_design`, `_view` without a view, names without `ddoc/`) are refused
  *     with 400 before they reach PouchDB.
  *   - routes/authorization.js and routes/root.js: `/_node/...` is refused
@@ -252,7 +249,7 @@ function beforeRoutes(name, before) {
 function checkAllPatchesApplied() {
   var missing = [
     'create-or-delete-dbs', 'utils.setDBOnReq', 'pouchdb-changeslike-wrapper',
-    'pouchdb-validation', 'routes/changes closed feeds',
+    'pouchdb-validation',
     'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
   ].filter(function (name) {
     return !applied[name];
@@ -556,41 +553,6 @@ function checkChangesFilter(req, res, next) {
   }
   next();
 }
-
-// A continuous feed whose client had gone was never stopped (only longpoll feeds
-// were): it went on reading every change of its database, for nobody, and its
-// heartbeat timer ran on, until the server stopped. Stop both when the response
-// closes.
-replaceInSource('express-pouchdb/lib/routes/changes.js', [
-  "        req.db.changes(req.query).on('change', function (change) {",
-  "          written = true;",
-  "          utils.writeJSON(res, change);",
-  "        }).on('error', function (err) {",
-  "          if (!written) {",
-  "            utils.sendError(res, err);",
-  "          } else {",
-  "            res.end();",
-  "          }",
-  "          cleanup();",
-  "        });"
-].join('\n'), [
-  "        var feed = req.db.changes(req.query).on('change', function (change) {",
-  "          written = true;",
-  "          utils.writeJSON(res, change);",
-  "        }).on('error', function (err) {",
-  "          if (!written) {",
-  "            utils.sendError(res, err);",
-  "          } else {",
-  "            res.end();",
-  "          }",
-  "          cleanup();",
-  "        });",
-  "        res.on('close', function () { // After's guard: the client has gone",
-  "          feed.cancel();",
-  "          cleanup();",
-  "        });"
-].join('\n'));
-applied['routes/changes closed feeds'] = true;
 
 beforeRoutes('changes', function (app) {
   app.get('/:db/_changes', checkChangesFilter);
