@@ -417,13 +417,23 @@ def _plain_reason(exc: requests.RequestException) -> str:
     return name
 
 
+Write = tuple[Doc, Callable[[dict[str, Any]], None]]
+
+
 class BulkWriter:
-    """Batches document writes through `_bulk_docs`, one result per document."""
+    """Batches document writes through `_bulk_docs`, one result per document.
+
+    A request carries at most one write of each document; a further write of it
+    (a conflict's resolution updates the winner and deletes each loser) goes in
+    the next request, in the order written. Rows are matched to writes by id,
+    and PouchDB Server's adapter corrupted a document's revision tree when one
+    request held a refused write of it and then another write of it.
+    """
 
     def __init__(self, db: Database, max_batch: int = 1000) -> None:
         self.db = db
         self.max_batch = max_batch
-        self.queue: queue.Queue[tuple[Doc, Callable[[dict[str, Any]], None]] | None] = queue.Queue()
+        self.queue: queue.Queue[Write | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="after-writer", daemon=True)
 
     def start(self) -> None:
@@ -438,15 +448,15 @@ class BulkWriter:
 
     def _loop(self) -> None:
         backoff = 0.5
-        pending: list[tuple[Doc, Callable[[dict[str, Any]], None]]] = []
+        taken: list[Write] = []  # from the queue, in order, not yet written
         stopping = False
-        while not (stopping and not pending):
-            if not pending:
+        while taken or not stopping:
+            if not taken:
                 item = self.queue.get()
                 if item is None:
                     return
-                pending.append(item)
-            while len(pending) < self.max_batch:
+                taken.append(item)
+            while not stopping and len(taken) < self.max_batch:
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
@@ -454,18 +464,36 @@ class BulkWriter:
                 if item is None:
                     stopping = True
                     break
-                pending.append(item)
+                taken.append(item)
+            batch, taken = one_write_per_document(taken, self.max_batch)
             try:
-                rows = self.db.bulk_docs([doc for doc, _ in pending])
+                rows = self.db.bulk_docs([doc for doc, _ in batch])
             except CouchError as exc:
                 # Nothing is lost: the same batch is sent again once the server answers.
                 log.warning(
-                    "writing %d task(s) failed (%s); retrying in %.1fs", len(pending), exc, backoff
+                    "writing %d task(s) failed (%s); retrying in %.1fs", len(batch), exc, backoff
                 )
+                taken = batch + taken
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 0.5
-            for (_, on_result), row in zip(pending, rows, strict=True):
+            for (_, on_result), row in zip(batch, rows, strict=True):
                 on_result(row)
-            pending = []
+
+
+def one_write_per_document(writes: list[Write], limit: int) -> tuple[list[Write], list[Write]]:
+    """The next request's writes (at most `limit`, no document twice) and those left,
+    each list in the order given."""
+    batch: list[Write] = []
+    left: list[Write] = []
+    ids: set[str] = set()
+    for write in writes:
+        doc_id = write[0].get("_id")
+        if len(batch) >= limit or (doc_id is not None and doc_id in ids):
+            left.append(write)
+            continue
+        if doc_id is not None:
+            ids.add(doc_id)
+        batch.append(write)
+    return batch, left

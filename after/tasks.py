@@ -264,8 +264,18 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
         }
         for loser in losers
     ]
+    # A loser may itself record an earlier resolution (the other replica's): keep those too.
+    earlier = [
+        entry
+        for doc in (winner, *losers)
+        for entry in doc.get("conflicts_resolved", [])
+        if isinstance(entry, dict)
+    ]
+    recorded: dict[Any, dict[str, Any]] = {}
+    for entry in [*earlier, *seen]:
+        recorded.setdefault(entry.get("rev"), entry)
     kept = {k: v for k, v in winner.items() if k != "_conflicts"}
-    updated = _update(kept, conflicts_resolved=[*winner.get("conflicts_resolved", []), *seen][-20:])
+    updated = _update(kept, conflicts_resolved=list(recorded.values())[-20:])
     deletions = [
         {"_id": loser["_id"], "_rev": loser["_rev"], "_deleted": True, "resolves_conflict": True}
         for loser in losers

@@ -96,6 +96,8 @@ class TaskState:
     run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
     spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
     resolving: bool = False  # held only to resolve a conflict of a task that had ended
+    # A conflict's losing revisions, deleted once the winner recording them has landed.
+    losers: list[Doc] = field(default_factory=list)
 
 
 @dataclass
@@ -614,7 +616,11 @@ class Worker:
             state.newer = doc
             return
         state.doc = doc
-        if conflicted:
+        self._act_on(task_id, state)
+
+    def _act_on(self, task_id: str, state: TaskState) -> None:
+        """Decide on the task's current version; a conflicted one is resolved first."""
+        if state.doc.get("_conflicts"):
             if self._claims_first(task_id):
                 return self._resolve_conflict(task_id, state)
             # The instance that claims it first resolves it (two resolving at once,
@@ -624,7 +630,12 @@ class Worker:
 
     def _resolve_conflict(self, task_id: str, state: TaskState) -> None:
         """Two writes both landed (replicated nodes, a partitioned cluster): keep
-        CouchDB's winner, delete the losers, record them on the task, decide again."""
+        CouchDB's winner, record the losers on it, delete them, decide again.
+
+        The losers are deleted only once the winner recording them has landed: when
+        that write is refused (the winner moved on meanwhile, e.g. the other replica
+        finished the run), the conflict is still there and is resolved again on the
+        newer version, so no duplicate run goes unrecorded."""
         winner = state.doc
         try:
             losers = [self.db.get(task_id, rev=rev) for rev in winner["_conflicts"]]
@@ -639,9 +650,7 @@ class Worker:
             [(d.get("owner"), d.get("status")) for d in found],
             winner["_rev"],
         )
-        updated, *deletions = tasks.resolve_conflict(winner, found)
-        for deletion in deletions:
-            self.writer.write(deletion, lambda row: None)
+        updated, *state.losers = tasks.resolve_conflict(winner, found)
         state.doc = {**winner, "_conflicts": []}
         self._write(task_id, updated)
 
@@ -922,24 +931,30 @@ class Worker:
             return
         state.writing = False
         newer, state.newer = state.newer, None
+        losers, state.losers = state.losers, []
         if row.get("error"):
             self._forget_echo(task_id)  # refused: the feed may have nothing new to bring
         if row.get("error") and doc.get("status") == "running":
             self.pool.uncommit(task_id)  # the commit did not land: its slot is free again
             self._commit_waiting()
         if not row.get("error"):
+            for loser in losers:  # recorded on the winner now: delete them
+                self.writer.write(loser, lambda row: None)
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)
-            if newer and task_id in self.states and _is_newer(newer, state.doc):
-                state.doc = newer
-                self._decide(task_id, state)
+            if newer and _is_news(newer, state.doc):
+                if task_id in self.states:
+                    state.doc = newer
+                    self._act_on(task_id, state)
+                elif newer.get("_conflicts"):  # ended and forgotten, but in conflict
+                    self._seen(newer, fresh=True)
         elif row.get("error") == "conflict" and not (newer and _is_newer(newer, doc)):
             # Someone else wrote first (another instance's claim, a client's cancel):
             # the feed brings that version in a moment; read it ourselves only if not.
             self._recheck_later(task_id, delay=5.0)
         elif (latest := self._changed_since(task_id, doc, newer, row)) is not None:
             state.doc = latest
-            self._decide(task_id, state)
+            self._act_on(task_id, state)
         else:
             self._forget(task_id)
         self._maybe_finish_stop()
@@ -954,7 +969,11 @@ class Worker:
         validate_doc_update first and may answer 403, so both are checked the same way.
         """
         try:
-            latest = newer if newer and _is_newer(newer, written) else self.db.get(task_id)
+            latest = (
+                newer
+                if newer and _is_newer(newer, written)
+                else self.db.get(task_id, conflicts=True)
+            )
         except CouchError as exc:
             log.warning("task %s: could not re-read it (%s); retrying", task_id, exc)
             self._recheck_later(task_id)
@@ -1204,3 +1223,11 @@ class Worker:
 
 def _is_newer(doc: Doc, than: Doc) -> bool:
     return tasks.rev_number(doc["_rev"]) > tasks.rev_number(than["_rev"])
+
+
+def _is_news(doc: Doc, than: Doc) -> bool:
+    """A later version, or a conflicted one of the same generation (a replica's write
+    that won over ours, or ours with a replica's beside it): to be acted on."""
+    if doc.get("_conflicts"):
+        return tasks.rev_number(doc["_rev"]) >= tasks.rev_number(than["_rev"])
+    return _is_newer(doc, than)

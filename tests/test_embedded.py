@@ -306,6 +306,49 @@ def test_validation_follows_every_change_of_the_design_documents(party: Running)
     assert_healthy(party)
 
 
+def test_a_refused_write_leaves_no_revision_behind_for_the_next_write_of_the_document(
+    party: Running,
+) -> None:
+    """One `_bulk_docs` request, two writes of a conflicted document: an update of the
+    revision that is no longer a leaf (refused, 409), then the deletion of the
+    conflict's loser (accepted). This is what a worker resolving a conflict sends
+    when a replica's update came first. The refused revision must not end up in
+    the tree as a leaf without a body (left there by PouchDB Server's adapter, it
+    was a conflict nobody could resolve and, once it won, crashed every feed)."""
+    db = f"refused-{uuid.uuid4().hex[:8]}"
+    assert party.admin("PUT", db).status_code == 201
+    ids = [f"doc{i}" for i in range(10)]  # some refused revisions would win, some lose
+    for doc_id in ids:
+        first = party.request("PUT", f"{db}/{doc_id}", json={"v": 0}).json()["rev"]
+        branches = [
+            {"_id": doc_id, "_rev": f"2-{side * 32}", "v": side,
+             "_revisions": {"start": 2, "ids": [side * 32, first.split("-")[1]]}}
+            for side in "ab"
+        ]  # fmt: skip
+        replicated = {"docs": branches, "new_edits": False}
+        assert party.request("POST", f"{db}/_bulk_docs", json=replicated).status_code == 201
+        winner = party.request("GET", f"{db}/{doc_id}").json()
+        loser = next(b["_rev"] for b in branches if b["_rev"] != winner["_rev"])
+        updated = party.request("PUT", f"{db}/{doc_id}", json={**winner, "v": "replica"})
+        assert updated.status_code == 201
+        stale = {**winner, "v": f"stale update of {doc_id}"}
+        deletion = {"_id": doc_id, "_rev": loser, "_deleted": True}
+        rows = party.request("POST", f"{db}/_bulk_docs", json={"docs": [stale, deletion]}).json()
+        assert sorted(row.get("error", "ok") for row in rows) == ["conflict", "ok"], rows
+
+        json_please = {"Accept": "application/json"}
+        leaves = party.request("GET", f"{db}/{doc_id}?open_revs=all", headers=json_please)
+        assert leaves.status_code == 200
+        assert [leaf for leaf in leaves.json() if "missing" in leaf] == [], leaves.json()
+        current = party.request("GET", f"{db}/{doc_id}?conflicts=true").json()
+        assert current["v"] == "replica" and "_conflicts" not in current, current
+    feed = party.request("GET", f"{db}/_changes?include_docs=true&conflicts=true").json()
+    assert sorted(row["id"] for row in feed["results"]) == ids
+    assert all(row["doc"]["v"] == "replica" for row in feed["results"])
+    assert party.admin("DELETE", db).status_code == 200
+    assert_healthy(party)
+
+
 # -- a server with a pre-seeded admin ---------------------------------------------------------
 
 
@@ -406,7 +449,8 @@ def test_refuses_to_start_when_a_patched_file_was_modified(
     shutil.copytree(real_package_dir("pouchdb-server"), copy)
     with open(copy / "lib" / "index.js", "a") as index:
         index.write("\n// locally modified\n")
-    (modules / "express-pouchdb").symlink_to(real_package_dir("express-pouchdb"))
+    for package in ("express-pouchdb", "pouchdb-adapter-leveldb"):  # the patched ones' homes
+        (modules / package).symlink_to(real_package_dir(package))
     monkeypatch.setenv("AFTER_POUCHDB_SERVER", str(copy / "bin" / "pouchdb-server"))
     data = tmp_path / "data"
     process = embedded.start(embedded.free_port(), data, data / "server.log")

@@ -177,3 +177,24 @@ def test_a_huge_result_is_stored_as_a_marked_preview() -> None:
     assert capped["size"] == 200_002
     assert capped["preview"].endswith("more characters]")
     assert len(capped["preview"]) < 1100
+
+
+def test_a_conflict_is_resolved_by_recording_every_losing_run_on_the_winner() -> None:
+    winner = doc("done", OTHER, _rev="5-w", _conflicts=["4-l"])
+    # the loser is itself a resolution made on the other replica: its record is kept too
+    earlier = {"rev": "4-e", "status": "done", "owner": ME, "attempt": 1}
+    loser = doc("running", OTHER, _rev="4-l", attempt=1, conflicts_resolved=[earlier])
+
+    updated, *deletions = tasks.resolve_conflict(winner, [loser])
+
+    assert "_conflicts" not in updated and updated["_rev"] == "5-w"
+    assert updated["conflicts_resolved"] == [
+        earlier,
+        {"rev": "4-l", "status": "running", "owner": OTHER, "attempt": 1},
+    ]
+    assert deletions == [{"_id": "t1", "_rev": "4-l", "_deleted": True, "resolves_conflict": True}]
+    # the same conflict resolved on both replicas writes the same content
+    assert tasks.resolve_conflict(winner, [loser]) == [updated, *deletions]
+    # a record already on the winner is not written twice
+    again, *_ = tasks.resolve_conflict({**updated, "_conflicts": ["4-l"]}, [loser])
+    assert again["conflicts_resolved"] == updated["conflicts_resolved"]

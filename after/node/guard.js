@@ -27,6 +27,11 @@
  *     request share one reading of the design documents' ids and revisions,
  *     and the compiled functions are kept while those stay the same, as
  *     Apache CouchDB keeps them per design-document revision.
+ *   - pouchdb-adapter-utils updateDoc: a write refused with 409 left its
+ *     revision in the stored tree when the same request wrote that document
+ *     again (a leaf with no body: an unresolvable conflict, and a TypeError,
+ *     process exit, in every changes feed once it won). It now merges into a
+ *     copy of the tree.
  *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
  *     `_design`, `_view` without a view, names without `ddoc/`) are refused
  *     with 400 before they reach PouchDB.
@@ -85,7 +90,9 @@ var EXPECTED_SHA256 = {
   'pouchdb-security/lib/index.js':
     '5c976f9a5a42aa429c5a7594160d16c5f32ed5290cdf9e8f4f38258699199457',
   'pouchdb-validation/lib/index.js':
-    '568f321f8302df1a18fe30d9d5eaf8e300e23b8b6810adb06a673afb53877ed3'
+    '568f321f8302df1a18fe30d9d5eaf8e300e23b8b6810adb06a673afb53877ed3',
+  'pouchdb-adapter-utils/lib/index.js':
+    '7b01deb869807f14bca68e2a34105b9cc5186fc0ad24d484af420a40f8d42887'
 };
 
 // Paths only a server admin may use (routes/authorization.js), checked again
@@ -178,13 +185,18 @@ var changeslikeDir = path.dirname(
   resolveFrom(securityDir, 'pouchdb-changeslike-wrapper/package.json'));
 
 var validationDir = path.dirname(resolveFrom(expressDir, 'pouchdb-validation/package.json'));
+// The LevelDB adapter the server's databases are stored with, and its write path.
+var levelDir = path.dirname(resolveFrom(serverDir, 'pouchdb-adapter-leveldb/package.json'));
+var levelCoreDir = path.dirname(resolveFrom(levelDir, 'pouchdb-adapter-leveldb-core/package.json'));
+var adapterUtilsDir = path.dirname(resolveFrom(levelCoreDir, 'pouchdb-adapter-utils/package.json'));
 
 var packageDirs = {
   'pouchdb-server': serverDir,
   'express-pouchdb': expressDir,
   'pouchdb-security': securityDir,
   'pouchdb-changeslike-wrapper': changeslikeDir,
-  'pouchdb-validation': validationDir
+  'pouchdb-validation': validationDir,
+  'pouchdb-adapter-utils': adapterUtilsDir
 };
 
 function fileOf(relative) {
@@ -249,7 +261,7 @@ function beforeRoutes(name, before) {
 function checkAllPatchesApplied() {
   var missing = [
     'create-or-delete-dbs', 'utils.setDBOnReq', 'pouchdb-changeslike-wrapper',
-    'pouchdb-validation',
+    'pouchdb-validation', 'pouchdb-adapter-utils',
     'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
   ].filter(function (name) {
     return !applied[name];
@@ -465,6 +477,24 @@ replaceInSource('pouchdb-validation/lib/index.js', [
   '}'
 ].join('\n'));
 applied['pouchdb-validation'] = true;
+
+// --- pouchdb-adapter-utils: a refused write must not change the revision tree --------
+
+// updateDoc merged the new revision into the stored tree in place (pouchdb-merge's
+// merge mutates its input) before checking for a conflict. A refused write (409)
+// thus left its revision in the tree the same request's next write of that
+// document started from: e.g. `_bulk_docs` [an update of a revision that is no
+// longer a leaf, the deletion of a conflict's loser]. The tree was then stored
+// with a leaf that has no body: a conflict nobody can resolve, GET ?rev= 404,
+// and, once that leaf won, a TypeError in every changes feed (process exit).
+replaceInSource('pouchdb-adapter-utils/lib/index.js', [
+  '  var merged = pouchdbMerge.merge(prev.rev_tree, docInfo.metadata.rev_tree[0], revLimit);'
+].join('\n'), [
+  '  // After\'s guard: merge into a copy, so that a refused write leaves prev as it was.',
+  '  var merged = pouchdbMerge.merge(JSON.parse(JSON.stringify(prev.rev_tree)),',
+  '    docInfo.metadata.rev_tree[0], revLimit);'
+].join('\n'));
+applied['pouchdb-adapter-utils'] = true;
 
 // --- /_node and admin-only paths ------------------------------------------------
 

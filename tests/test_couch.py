@@ -1,0 +1,70 @@
+"""after.couch: the one place that talks to CouchDB (here the session's real server)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from conftest import new_task
+
+from after.couch import BulkWriter, Database, one_write_per_document
+
+
+class RecordingDatabase:
+    """The real database, with the documents of each `_bulk_docs` request noted."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.requests: list[list[str]] = []
+
+    def bulk_docs(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.requests.append([doc["_id"] for doc in docs])
+        return self.db.bulk_docs(docs)
+
+
+def test_a_request_carries_one_write_per_document_and_later_ones_follow_in_order(
+    db: Database,
+) -> None:
+    recorder = RecordingDatabase(db)
+    writer = BulkWriter(recorder)  # type: ignore[arg-type]
+    results: list[tuple[str, dict[str, Any]]] = []
+    all_back = threading.Event()
+
+    def note(label: str) -> Any:
+        def on_result(row: dict[str, Any]) -> None:
+            results.append((label, row))
+            if len(results) == 4:
+                all_back.set()
+
+        return on_result
+
+    # queued before the writer starts, so that all four could go in one request
+    writer.write(new_task(_id="x", worker="first"), note("x first"))
+    writer.write(new_task(_id="y"), note("y"))
+    writer.write(new_task(_id="x", worker="again"), note("x again"))  # no _rev: a conflict
+    writer.write(new_task(_id="z"), note("z"))
+    writer.start()
+    assert all_back.wait(15)
+    writer.stop()
+
+    assert recorder.requests == [["x", "y", "z"], ["x"]]
+    assert [label for label, _ in results] == ["x first", "y", "z", "x again"]
+    rows = dict(results)
+    assert all(rows[label].get("ok") for label in ("x first", "y", "z"))
+    assert rows["x again"].get("error") == "conflict"
+    assert db.get("x")["worker"] == "first"
+
+
+def test_one_write_per_document_keeps_the_order_and_the_limit() -> None:
+    def write(doc_id: str | None, n: int) -> tuple[dict[str, Any], Any]:
+        doc = {"n": n} if doc_id is None else {"_id": doc_id, "n": n}
+        return doc, None
+
+    writes = [write("a", 1), write("b", 2), write("a", 3), write(None, 4), write(None, 5),
+              write("c", 6), write("a", 7), write("d", 8)]  # fmt: skip
+    batch, left = one_write_per_document(writes, limit=4)
+    assert [doc["n"] for doc, _ in batch] == [1, 2, 4, 5]
+    assert [doc["n"] for doc, _ in left] == [3, 6, 7, 8]
+    batch, left = one_write_per_document(left, limit=4)
+    assert [doc["n"] for doc, _ in batch] == [3, 6, 8]
+    assert [doc["n"] for doc, _ in left] == [7]
