@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from after.config import Config, redact
 
@@ -155,7 +156,7 @@ class Server:
         url = self.url + path.lstrip("/")
         what = f"{method} {self.display_url}{path.lstrip('/')}"
 
-        def send() -> requests.Response:
+        def send(again: bool = True) -> requests.Response:
             try:
                 return self.session.request(
                     method,
@@ -169,6 +170,12 @@ class Server:
                     timeout=timeout or self.timeout,
                     stream=stream,
                 )
+            except requests.ConnectionError as exc:
+                if again and _dropped(exc):
+                    # A kept-alive connection the server closed just as it was reused
+                    # (Node closes idle ones after 5 s): nothing was answered; once more.
+                    return send(again=False)
+                raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
             except requests.RequestException as exc:
                 raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
 
@@ -405,6 +412,11 @@ def _new_id() -> str:
     import uuid
 
     return uuid.uuid4().hex
+
+
+def _dropped(exc: requests.ConnectionError) -> bool:
+    """The connection was open and then closed without an answer (not refused)."""
+    return bool(exc.args) and isinstance(exc.args[0], urllib3.exceptions.ProtocolError)
 
 
 def _plain_reason(exc: requests.RequestException) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any
 
+import pytest
 from conftest import new_task
 
-from after.couch import BulkWriter, Database, one_write_per_document
+from after.couch import BulkWriter, Database, Server, Unreachable, one_write_per_document
 
 
 class RecordingDatabase:
@@ -68,3 +70,41 @@ def test_one_write_per_document_keeps_the_order_and_the_limit() -> None:
     batch, left = one_write_per_document(left, limit=4)
     assert [doc["n"] for doc, _ in batch] == [3, 6, 8]
     assert [doc["n"] for doc, _ in left] == [7]
+
+
+class DroppingServer(threading.Thread):
+    """A TCP server that reads each request and closes the first `drops` connections
+    without an answer (as a server closing an idle kept-alive connection does just as
+    the client reuses it), then answers `{"ok": true}`."""
+
+    def __init__(self, drops: int) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.drops, self.connections = drops, 0
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                self.connections += 1
+                connection.recv(65536)
+                if self.connections > self.drops:
+                    body = b'{"ok": true}'
+                    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                    connection.sendall(head.encode() + body)
+
+
+def test_a_connection_closed_without_an_answer_is_tried_once_more() -> None:
+    once = DroppingServer(drops=1)
+    assert Server(once.url).json("POST", "db/_all_docs", body={"keys": []}) == {"ok": True}
+    assert once.connections == 2
+    always = DroppingServer(drops=10)
+    with pytest.raises(Unreachable, match="did not accept the connection"):
+        Server(always.url).json("GET", "db")
+    assert always.connections == 2  # once more, not in a loop

@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -302,6 +303,85 @@ def test_validation_follows_every_change_of_the_design_documents(party: Running)
     gone = party.admin("DELETE", f"{db}/_design/second?rev={second.json()['rev']}")
     assert gone.status_code == 200
     assert write("c").status_code == 201 and write("b").status_code == 403
+    assert party.admin("DELETE", db).status_code == 200
+    assert_healthy(party)
+
+
+class FeedReader(threading.Thread):
+    """A continuous changes feed read in raw HTTP chunks until the document `end` arrives."""
+
+    def __init__(self, server: Running, db: str, query: str) -> None:
+        super().__init__(daemon=True)
+        url = f"{server.url}{db}/_changes?feed=continuous&heartbeat=1000&{query}"
+        self.response = requests.get(
+            url, stream=True, timeout=20, headers={"Accept-Encoding": "identity"}
+        )
+        self.chunks = 0
+        self.changes: list[dict[str, Any]] = []
+        self.start()
+
+    def run(self) -> None:
+        buffer = b""
+        for chunk in self.response.raw.read_chunked(decode_content=False):
+            self.chunks += 1
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in filter(None, (line.strip() for line in lines)):
+                self.changes.append(json.loads(line))
+                if self.changes[-1]["id"] == "end":
+                    return self.response.close()
+
+    def last_of_each(self) -> dict[str, dict[str, Any]]:
+        return {change["id"]: change for change in self.changes}
+
+
+def test_continuous_feeds_bring_each_document_as_it_ends_up(party: Running) -> None:
+    """The guard shares metadata reads between feeds, moves a filtered feed past the
+    changes its filter left out, and writes the changes of one moment together: each
+    feed still brings every document in its latest revision, conflicts and deletions
+    included, in sequence order, and only what its filter lets through."""
+    db = f"feeds-{uuid.uuid4().hex[:8]}"
+    assert party.admin("PUT", db).status_code == 201
+    even = "function (doc, req) { return doc.n % 2 === 0; }"
+    design = {"filters": {"even": even}}
+    assert party.admin("PUT", f"{db}/_design/app", json=design).status_code == 201
+    query = "filter=app/even&include_docs=true&conflicts=true"
+    filtered = [FeedReader(party, db, query), FeedReader(party, db, query)]
+    everything = FeedReader(party, db, "include_docs=true&conflicts=true")
+    time.sleep(0.5)  # the feeds are open
+
+    docs = [{"_id": f"doc{i:02d}", "n": i} for i in range(40)]
+    for _ in range(30):  # each document changes often, mostly while the feeds read
+        rows = party.request("POST", f"{db}/_bulk_docs", json={"docs": docs}).json()
+        docs = [
+            {**doc, "_rev": row["rev"], "n": doc["n"] + 1}
+            for doc, row in zip(docs, rows, strict=True)
+        ]
+    loser = {"_id": "doc00", "_rev": "31-" + "f" * 32, "n": 1000}  # as a replication brings
+    conflict = {"docs": [loser], "new_edits": False}
+    assert party.request("POST", f"{db}/_bulk_docs", json=conflict).status_code == 201
+    gone = docs[1]
+    assert party.request("DELETE", f"{db}/{gone['_id']}?rev={gone['_rev']}").status_code == 200
+    assert party.request("PUT", f"{db}/end", json={"n": 0}).status_code == 201
+
+    for reader in [*filtered, everything]:
+        reader.join(timeout=20)
+        assert not reader.is_alive(), "a feed did not bring the last document"
+        seqs = [change["seq"] for change in reader.changes]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert reader.chunks < len(reader.changes)  # several changes to a chunk
+    final = party.request("GET", f"{db}/_all_docs?include_docs=true&conflicts=true").json()
+    latest = {row["id"]: row["doc"] for row in final["rows"] if not row["id"].startswith("_")}
+    assert latest["doc00"]["_conflicts"]  # the conflict is there to be seen
+
+    seen = everything.last_of_each()
+    assert seen[gone["_id"]].get("deleted") is True
+    assert {doc_id: seen[doc_id]["doc"] for doc_id in latest} == latest
+    for reader in filtered:
+        assert all(change["doc"]["n"] % 2 == 0 for change in reader.changes)
+        last = reader.last_of_each()
+        passing = {doc_id: doc for doc_id, doc in latest.items() if doc["n"] % 2 == 0}
+        assert {doc_id: last[doc_id]["doc"] for doc_id in passing} == passing
     assert party.admin("DELETE", db).status_code == 200
     assert_healthy(party)
 
