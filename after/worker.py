@@ -67,6 +67,8 @@ DEFERRED_SWEEP = 0.25  # seconds between looks at the deferred claims
 # Seconds before its date that a run is handed to a pool thread, which then waits
 # for the exact instant: the handover's own delay is not in the job's lateness.
 START_EARLY = 0.002
+# Seconds between looks when a run's instant came while a write of the task was in flight.
+WRITE_WAIT = 0.01
 # Events queued for the control thread, or our writes not yet back on the feed,
 # beyond which this instance counts as busy with a burst (its news is late).
 NEWS_BACKLOG = 100
@@ -1070,7 +1072,13 @@ class Worker:
     def _start(self, task_id: str) -> None:
         """At the due time, on the control thread: what `_start_now` left to it."""
         state = self.states.get(task_id)
-        if state is None or state.local is not Local.COMMITTED or state.writing:
+        if state is not None and state.local is Local.COMMITTED and state.writing:
+            # A write of the task is in flight (a conflict's resolution): look again in
+            # a moment rather than drop the start, which would leave it `running` forever.
+            at = tasks.now() + timedelta(seconds=WRITE_WAIT)
+            self.timer.schedule(at, lambda: self._start_now(task_id), key=task_id)
+            return
+        if state is None or state.local is not Local.COMMITTED:
             return
         if self.stopping.is_set():
             state.local = Local.NONE

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,8 +22,8 @@ from after import embedded, records
 from after.config import Config
 from after.couch import Database, Forbidden, Server
 from after.push import push
-from after.tasks import parse_date
-from after.worker import Worker
+from after.tasks import Local, parse_date
+from after.worker import TaskState, Worker
 
 FAST = {"heartbeat": 0.3, "lease": 1.5}
 
@@ -308,6 +309,35 @@ def test_a_clock_far_from_the_servers_is_reported(
     with caplog.at_level("WARNING", logger="after.worker"):
         worker._check_clock()
     assert "clock is 7.5 s ahead of the CouchDB server's" in caplog.text
+
+
+def test_a_start_that_meets_a_write_in_flight_waits_for_it(config: Config) -> None:
+    """At a run's instant a write of the task may still be in flight (a conflict's
+    resolution on the committed run, between replicas): the start waits for it,
+    rather than being dropped and leaving the task `running` with nobody running it."""
+    worker = Worker(config, "manobi")
+    doc = new_task(_id="t", _rev="3-x", status="running", owner=worker.instance)
+    state = TaskState(doc, local=Local.COMMITTED, writing=True)
+    worker.states["t"] = state
+    handed_over = threading.Event()
+    worker.executor.submit = lambda *args: handed_over.set()  # type: ignore[method-assign]
+    worker.timer.start()
+
+    def control() -> None:  # what Worker.run does with what the other threads post
+        while (action := worker.control.get()) is not None:
+            action()
+
+    threading.Thread(target=control, daemon=True).start()
+    try:
+        worker._start("t")  # the instant has come; the write is not back yet
+        assert not handed_over.wait(0.2) and state.local is Local.COMMITTED
+        state.writing = False  # the write is back
+        assert handed_over.wait(2), "the start was dropped"
+        assert state.local is Local.RUNNING
+    finally:
+        worker.control.put(None)
+        worker.timer.stop(wait=False)
+        worker.executor.shutdown()
 
 
 # -- an instance claims only what it can start on time ---------------------------------

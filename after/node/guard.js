@@ -40,7 +40,10 @@
  *     again (a leaf with no body: an unresolvable conflict, and a TypeError,
  *     process exit, in every changes feed once it won). It now merges into a
  *     copy of the tree.
- *   - routes/changes.js: filters PouchDB Server cannot serve (`_selector`,
+ *   - routes/changes.js: a continuous feed is stopped when its client goes
+ *     (it went on reading every change of its database, for nobody, with its
+ *     heartbeat timer, until the server stopped: each closed feed made every
+ *     later write dearer). Filters PouchDB Server cannot serve (`_selector`,
  *     `_design`, `_view` without a view, names without `ddoc/`) are refused
  *     with 400 before they reach PouchDB.
  *   - routes/authorization.js and routes/root.js: `/_node/...` is refused
@@ -626,7 +629,10 @@ applied['pouchdb-adapter-leveldb-core'] = true;
 
 // A continuous feed wrote each change on its own: one chunk and one system call
 // per change and feed, and as many reads for the client. The changes of one
-// turn of the event loop now go out together.
+// turn of the event loop now go out together. And a continuous feed whose client
+// had gone was never stopped (only longpoll feeds were): it went on reading every
+// change of its database, for nobody, with its heartbeat timer, until the server
+// stopped. Both stop when the response closes.
 replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "        req.db.changes(req.query).on('change', function (change) {",
   "          written = true;",
@@ -635,7 +641,10 @@ replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "          if (!written) {",
   "            utils.sendError(res, err);",
   "          } else {",
-  "            res.end();"
+  "            res.end();",
+  "          }",
+  "          cleanup();",
+  "        });"
 ].join('\n'), [
   "        var lines = []; // After's guard: written together, once per turn",
   "        var flush = function () {",
@@ -644,7 +653,7 @@ replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "          }",
   "          lines = [];",
   "        };",
-  "        req.db.changes(req.query).on('change', function (change) {",
+  "        var feed = req.db.changes(req.query).on('change', function (change) {",
   "          written = true;",
   "          if (!lines.length) {",
   "            setImmediate(flush);",
@@ -655,7 +664,14 @@ replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "            utils.sendError(res, err);",
   "          } else {",
   "            flush();",
-  "            res.end();"
+  "            res.end();",
+  "          }",
+  "          cleanup();",
+  "        });",
+  "        res.on('close', function () { // the client has gone",
+  "          feed.cancel();",
+  "          cleanup();",
+  "        });"
 ].join('\n')]]);
 applied['routes/changes batching'] = true;
 
