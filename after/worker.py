@@ -652,8 +652,15 @@ class Worker:
             [(d.get("owner"), d.get("status")) for d in found],
             winner["_rev"],
         )
-        updated, *state.losers = tasks.resolve_conflict(winner, found)
+        updated, *losers = tasks.resolve_conflict(winner, found)
         state.doc = {**winner, "_conflicts": []}
+        if updated.get("conflicts_resolved") == winner.get("conflicts_resolved"):
+            # Every loser is on record already (the other replica resolved it first):
+            # an unchanged record would be refused (a done task cannot change).
+            for loser in losers:
+                self.writer.write(loser, lambda row: None)
+            return self._decide(task_id, state)
+        state.losers = losers
         self._write(task_id, updated)
 
     def _decide(self, task_id: str, state: TaskState) -> None:

@@ -274,6 +274,46 @@ def test_conflicting_claims_are_resolved_and_recorded(
         db.delete()
 
 
+def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
+    server: Server, db: Database, start_fast
+) -> None:
+    """The other replica resolved the conflict first: its winner, done, already records
+    the losing revision, and both arrive by replication. Writing that record again would
+    be refused (a done task cannot change): the worker only deletes the loser."""
+    source = server.database(db.name + "-replica")  # no design document: any write goes
+    source.create()
+    try:
+        start_fast()
+        task_id, _ = source.post(new_task(date=in_seconds(-5)))
+        original = source.get(task_id)
+        loser = source.put({**original, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"})
+        generation, parent = original["_rev"].split("-")
+        record = {"rev": loser, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"}
+        winner = {
+            **original,
+            "_rev": f"{int(generation) + 1}-{'f' * 32}",
+            "_revisions": {"start": int(generation) + 1, "ids": ["f" * 32, parent]},
+            "status": "done",
+            "owner": "manobi@node-b:1:bbbb",
+            "conflicts_resolved": [{**record, "attempt": None}],
+        }
+        body = {"docs": [winner], "new_edits": False}
+        source.server.json("POST", f"{source.path}/_bulk_docs", body=body)
+        assert source.get(task_id, conflicts=True).get("_conflicts") == [loser]
+        # a local target: PouchDB Server's validation wrapper would drop replicated
+        # revisions sent over HTTP (see test_resilience.replicate_both_ways)
+        replicated = server.json(
+            "POST", "_replicate", body={"source": server.url + source.name, "target": db.name}
+        )
+        assert replicated.get("ok"), replicated
+        wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=20)
+        doc = db.get(task_id)
+        assert doc["_rev"] == winner["_rev"] and doc["status"] == "done"
+        assert doc["conflicts_resolved"] == winner["conflicts_resolved"]
+    finally:
+        source.delete()
+
+
 def test_a_second_signal_stops_at_once(db: Database, spawn) -> None:
     worker = spawn()
     task_id = create(db, job={"name": "sleep", "arguments": [60]})
