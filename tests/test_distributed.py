@@ -275,7 +275,7 @@ def test_conflicting_claims_are_resolved_and_recorded(
 
 
 def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
-    server: Server, db: Database, start_fast
+    couch_url: str, server: Server, db: Database, start_fast
 ) -> None:
     """The other replica resolved the conflict first: its winner, done, already records
     the losing revision, and both arrive by replication. Writing that record again would
@@ -300,11 +300,15 @@ def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
         body = {"docs": [winner], "new_edits": False}
         source.server.json("POST", f"{source.path}/_bulk_docs", body=body)
         assert source.get(task_id, conflicts=True).get("_conflicts") == [loser]
-        # a local target: PouchDB Server's validation wrapper would drop replicated
-        # revisions sent over HTTP (see test_resilience.replicate_both_ways)
-        replicated = server.json(
-            "POST", "_replicate", body={"source": server.url + source.name, "target": db.name}
-        )
+        # PouchDB Server's validation wrapper drops replicated revisions sent over HTTP, so
+        # its target is the local name; Apache CouchDB 3 takes URLs only (and credentials in
+        # them): see test_resilience.replicate_both_ways
+        pouchdb = "express-pouchdb" in server.json("GET", "")
+        base = couch_url.rstrip("/") + "/"
+        ends = {"source": base + source.name, "target": base + db.name}
+        if pouchdb:
+            ends["target"] = db.name
+        replicated = server.json("POST", "_replicate", body=ends)
         assert replicated.get("ok"), replicated
         wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=20)
         doc = db.get(task_id)
