@@ -130,6 +130,9 @@ class Worker:
         self.name = name
         self.instance = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lead = timedelta(seconds=lead)
+        # Whether the deployed design doc lets a claim commit the run too (waiting ->
+        # running); one pushed by an older After does not (see _check_database).
+        self.claim_commits = True
         self.heartbeat = heartbeat
         self.lease = timedelta(seconds=lease)
         self.horizon = timedelta(seconds=horizon)
@@ -251,12 +254,27 @@ class Worker:
             info = self.db.info()
         except NotFound:
             info = None
-        if info is None or self.db.get(f"_design/{DDOC}") is None:
+        design = None if info is None else self.db.get(f"_design/{DDOC}")
+        if info is None or design is None:
             missing = "does not exist" if info is None else f"has no _design/{DDOC}"
             raise CouchError(
                 404, "not_found", f"{missing}: run `after push`", f"database {self.db.name}"
             )
+        self._read_claim_commits(design)
         return info["update_seq"]
+
+    def _read_claim_commits(self, design: Doc) -> bool:
+        """Whether the deployed design doc lets a claim commit the run in the same write
+        (`waiting` -> `running`); one pushed by an older After does not."""
+        self.claim_commits = "running" in deployed_transitions(design).get("waiting", {})
+        if not self.claim_commits:
+            log.warning(
+                "the design document of %s is older than this worker (a claim cannot commit "
+                "a run in the same write, so a task due now takes one more write): "
+                "run `after push`",
+                self.db.name,
+            )
+        return self.claim_commits
 
     def _start_up(self, since: Any) -> None:
         """On its own thread: read the current state, then follow the changes feed
@@ -705,7 +723,7 @@ class Worker:
             self._unhold(task_id, state)
             if doc.get("status") == "scheduled":
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
-            self._write(task_id, tasks.claim_update(doc, self.instance, tasks.now()))
+            self._claim(task_id, state)
         elif step is Step.HOLD:
             if self.stopping.is_set():
                 return self._write(task_id, tasks.hand_back_update(doc))
@@ -765,6 +783,45 @@ class Worker:
             self._write(task_id, lost)  # err, or waiting for its retry or next occurrence
         elif step is Step.FORGET:
             self._forget(task_id)
+
+    def _claim(self, task_id: str, state: TaskState) -> None:
+        """Claim the task (write `scheduled`). One whose commit would be due at once is
+        claimed and committed in one write (`waiting` -> `running`): a burst's late
+        claims and a task due now cost one write and one round trip, not two."""
+        doc, now = state.doc, tasks.now()
+        claim = tasks.claim_update(doc, self.instance, now)
+        due = tasks.parse_date(doc["date"])
+        commits, policy = self._claim_commits(task_id, doc, due, now)
+        if not commits:
+            return self._write(task_id, claim)
+        state.policy, state.invalid = policy, None
+        state.local, state.run_at = Local.HELD, due
+        self.pool.hold(task_id, due.timestamp())
+        self.pool.commit(task_id)
+        self._write(task_id, tasks.running_update(claim, self.instance))
+
+    def _claim_commits(
+        self, task_id: str, doc: Doc, due: datetime, now: datetime
+    ) -> tuple[bool, runs.Policy | None]:
+        """Whether the task's claim commits its run too, and the run's policy. Only a
+        `waiting` task due within the commit lead, with a pool slot free for it, whose
+        run needs no misfire decision (an overdue repeat is held first, then decided)."""
+        if (
+            not self.claim_commits
+            or doc.get("status") != "waiting"
+            or due - self._commit_lead() > now
+            or task_id in self.pool.committing
+            or self.stopping.is_set()
+        ):
+            return False, None
+        try:
+            policy = runs.policy_of(doc)
+        except ValueError:
+            return False, None  # held, then failed with the reason
+        if due < now and runs.overdue_plan(doc, policy, now) is not None:
+            return False, None
+        until_run = max((due - now).total_seconds(), 0.0)
+        return self.pool.can_commit(until_run + ON_TIME, time.monotonic()), policy
 
     def _recheck_later(self, task_id: str, delay: float = 1.0) -> None:
         at = tasks.now() + timedelta(seconds=delay)
@@ -902,7 +959,7 @@ class Worker:
         if anyway or self._has_room_for(state.doc):
             if taking_over:
                 log.warning("task %s: taking it over from %s, whose lease ran out", task_id, owner)
-            self._write(task_id, tasks.claim_update(state.doc, self.instance, tasks.now()))
+            self._claim(task_id, state)
         else:  # no room here either: the instance it belongs to claims it meanwhile, or we do
             self._claim_later(task_id, 2 * CLAIM_FALLBACK, anyway=True)
 
@@ -946,6 +1003,12 @@ class Worker:
         if row.get("error") and doc.get("status") == "running":
             self.pool.uncommit(task_id)  # the commit did not land: its slot is free again
             self._commit_waiting()
+            if state.doc["status"] == "waiting":  # a claim that commits: nothing is held
+                self._unhold(task_id, state)
+                if row.get("error") == "forbidden" and not self._claim_commits_still_allowed():
+                    if newer and _is_news(newer, state.doc):
+                        state.doc = newer
+                    return self._act_on(task_id, state)  # claimed again, in two writes
         if not row.get("error"):
             for loser in losers:  # recorded on the winner now: delete them
                 self.writer.write(loser, lambda row: None)
@@ -967,6 +1030,16 @@ class Worker:
         else:
             self._forget(task_id)
         self._maybe_finish_stop()
+
+    def _claim_commits_still_allowed(self) -> bool:
+        """After a claim that commits was refused: read the design doc again, in case an
+        older one was pushed while we ran."""
+        try:
+            design = self.db.get(f"_design/{DDOC}")
+        except CouchError as exc:
+            log.warning("could not read the design document (%s)", exc)
+            return True
+        return design is None or self._read_claim_commits(design)
 
     def _changed_since(
         self, task_id: str, written: Doc, newer: Doc | None, row: dict[str, Any]
@@ -1238,6 +1311,19 @@ class Worker:
 
 def _is_newer(doc: Doc, than: Doc) -> bool:
     return tasks.rev_number(doc["_rev"]) > tasks.rev_number(than["_rev"])
+
+
+def deployed_transitions(design: Doc) -> dict[str, dict[str, str]]:
+    """The status transitions a deployed design doc enforces (its `lib/rules` module)."""
+    lib = design.get("lib")
+    source = lib.get("rules") if isinstance(lib, dict) else None
+    if not isinstance(source, str):
+        return {}
+    try:
+        rules = json.loads(source.removeprefix("module.exports = ").removesuffix(";"))
+    except ValueError:
+        return {}
+    return rules.get("transitions", {}) if isinstance(rules, dict) else {}
 
 
 def _is_news(doc: Doc, than: Doc) -> bool:

@@ -1805,7 +1805,8 @@ def test_a_task_given_to_another_worker_during_a_claim_is_not_run_by_the_first(
     moved = threading.Event()
 
     def reassign_then_write(doc: dict[str, Any], on_result: Any) -> None:
-        if doc.get("status") == "scheduled" and not moved.is_set():
+        # The claim: `scheduled`, or `running` when the claim commits the run too (due now).
+        if doc.get("claimed_at") and not moved.is_set():
             current = client.get(doc["_id"])
             assert current is not None
             client.put({**current, "worker": "second"})  # the client's move lands first

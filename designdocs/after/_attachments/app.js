@@ -38,7 +38,7 @@
   var DEFAULT_RULES = {
     statuses: ['waiting', 'scheduled', 'running', 'reschedule', 'cancel', 'canceled', 'done', 'err'],
     transitions: {
-      waiting: {scheduled: 'worker', cancel: 'client', reschedule: 'client'},
+      waiting: {scheduled: 'worker', running: 'worker', cancel: 'client', reschedule: 'client'},
       scheduled: {running: 'worker', waiting: 'worker', reschedule: 'client', cancel: 'client'},
       reschedule: {scheduled: 'worker', waiting: 'worker'},
       cancel: {canceled: 'worker'},
