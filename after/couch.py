@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -95,12 +96,26 @@ class Server:
         self.credentials = auth
         self.cookie = bool(cookie and auth)
         self.session.auth = None if self.cookie else auth
+        self._read_environment_once()
         self.session.headers["Accept"] = "application/json"
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._login_lock = threading.Lock()
         self.logins = 0  # how many times a cookie session was opened
+
+    def _read_environment_once(self) -> None:
+        """Take the environment's proxies, CA bundle and ~/.netrc credentials now, as
+        requests would, instead of on every request: at hundreds of writes a second
+        those look-ups were a tenth of the writer thread's CPU."""
+        session = self.session
+        session.proxies.update(requests.utils.get_environ_proxies(self.url))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            session.verify = bundle
+        if self.credentials is None:
+            session.auth = requests.utils.get_netrc_auth(self.url)
+        session.trust_env = False
 
     @classmethod
     def from_config(cls, config: Config, timeout: float = 30.0) -> Server:

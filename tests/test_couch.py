@@ -108,3 +108,38 @@ def test_a_connection_closed_without_an_answer_is_tried_once_more() -> None:
     with pytest.raises(Unreachable, match="did not accept the connection"):
         Server(always.url).json("GET", "db")
     assert always.connections == 2  # once more, not in a loop
+
+
+# -- the environment, read once ---------------------------------------------------------
+
+
+def test_the_environments_proxies_and_ca_bundle_are_taken_once_at_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/our-ca.pem")
+    server = Server("http://couch.example:5984/", ("admin", "secret"))
+    assert server.session.proxies["http"] == "http://proxy.example:3128"
+    assert server.session.verify == "/etc/our-ca.pem"
+    assert server.session.auth == ("admin", "secret")
+    assert server.session.trust_env is False  # not looked up again on every request
+
+
+def test_a_host_in_no_proxy_is_reached_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "couch.example")
+    assert "http" not in Server("http://couch.example:5984/").session.proxies
+
+
+def test_credentials_come_from_netrc_when_none_are_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine couch.example login alice password wonderland\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert Server("http://couch.example:5984/").session.auth == ("alice", "wonderland")
+    given = Server("http://couch.example:5984/", ("bob", "builder"))
+    assert given.session.auth == ("bob", "builder")
