@@ -106,7 +106,7 @@ def compile_designdoc(folder: Path) -> dict[str, Any]:
         elif path.suffix == ".json":
             value = json.loads(path.read_text(encoding="utf-8"))
             if parts[0] == "lib":
-                value = f"module.exports = {json.dumps(value, sort_keys=True)};"
+                value = lib_module(value)
         else:
             continue
         node = doc
@@ -129,6 +129,28 @@ def load_rules(root: Path | None = None) -> dict[str, Any]:
     """The task rules table (statuses, transitions) the design doc enforces."""
     path = (root or designdocs_dir()) / "after" / "lib" / "rules.json"
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+_MODULE_START, _MODULE_END = "module.exports = ", ";"
+
+
+def lib_module(value: Any) -> str:
+    """A JSON value as the CommonJS module a design doc's `lib/` holds."""
+    return f"{_MODULE_START}{json.dumps(value, sort_keys=True)}{_MODULE_END}"
+
+
+def deployed_rules(design: dict[str, Any]) -> dict[str, Any]:
+    """The rules table a deployed design doc enforces (its `lib/rules` module), or {}
+    when it has none that can be read."""
+    lib = design.get("lib")
+    source = lib.get("rules") if isinstance(lib, dict) else None
+    if not isinstance(source, str):
+        return {}
+    try:
+        rules = json.loads(source.removeprefix(_MODULE_START).removesuffix(_MODULE_END))
+    except ValueError:
+        return {}
+    return rules if isinstance(rules, dict) else {}
 
 
 @dataclass

@@ -52,6 +52,7 @@ from after.couch import (
     Unreachable,
 )
 from after.jobs import JobContext, JobLoader, run_job, run_job_in_process, stop_job_process
+from after.push import deployed_rules
 from after.scheduler import Scheduler, wait_until
 from after.tasks import Doc, Local, Step
 
@@ -266,7 +267,8 @@ class Worker:
     def _read_claim_commits(self, design: Doc) -> bool:
         """Whether the deployed design doc lets a claim commit the run in the same write
         (`waiting` -> `running`); one pushed by an older After does not."""
-        self.claim_commits = "running" in deployed_transitions(design).get("waiting", {})
+        transitions = deployed_rules(design).get("transitions", {})
+        self.claim_commits = "running" in transitions.get("waiting", {})
         if not self.claim_commits:
             log.warning(
                 "the design document of %s is older than this worker (a claim cannot commit "
@@ -1311,19 +1313,6 @@ class Worker:
 
 def _is_newer(doc: Doc, than: Doc) -> bool:
     return tasks.rev_number(doc["_rev"]) > tasks.rev_number(than["_rev"])
-
-
-def deployed_transitions(design: Doc) -> dict[str, dict[str, str]]:
-    """The status transitions a deployed design doc enforces (its `lib/rules` module)."""
-    lib = design.get("lib")
-    source = lib.get("rules") if isinstance(lib, dict) else None
-    if not isinstance(source, str):
-        return {}
-    try:
-        rules = json.loads(source.removeprefix("module.exports = ").removesuffix(";"))
-    except ValueError:
-        return {}
-    return rules.get("transitions", {}) if isinstance(rules, dict) else {}
 
 
 def _is_news(doc: Doc, than: Doc) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,8 +12,9 @@ from conftest import REPO, new_task, wait_for
 
 from after.config import Config
 from after.couch import Database
+from after.push import deployed_rules, lib_module, load_rules
 from after.tasks import iso, parse_date
-from after.worker import Worker, deployed_transitions
+from after.worker import Worker
 
 StartWorker = Callable[..., Worker]  # the start_worker fixture of conftest.py
 
@@ -266,11 +266,11 @@ def test_a_task_due_later_is_claimed_first_and_committed_shortly_before_its_date
 def push_rules_without_claim_commits(db: Database) -> None:
     """Deploy the design doc as an older After pushed it: a claim cannot commit a run."""
     design = db.get("_design/after")
-    rules = json.loads(design["lib"]["rules"].removeprefix("module.exports = ").rstrip(";"))
+    rules = deployed_rules(design)
     del rules["transitions"]["waiting"]["running"]
-    design["lib"]["rules"] = f"module.exports = {json.dumps(rules)};"
+    design["lib"]["rules"] = lib_module(rules)
     db.put(design)
-    assert "running" not in deployed_transitions(db.get("_design/after"))["waiting"]
+    assert "running" not in deployed_rules(db.get("_design/after"))["transitions"]["waiting"]
 
 
 def test_under_an_older_design_doc_a_claim_and_its_commit_are_two_writes(
@@ -302,5 +302,9 @@ def test_a_claim_that_commits_refused_by_an_older_design_doc_is_made_in_two_writ
     "design",
     [{}, {"lib": {}}, {"lib": {"rules": "module.exports = {;"}}, {"lib": {"rules": 42}}],
 )
-def test_a_design_doc_without_readable_rules_has_no_known_transitions(design: dict) -> None:
-    assert deployed_transitions(design) == {}
+def test_a_design_doc_without_readable_rules_has_no_known_rules(design: dict) -> None:
+    assert deployed_rules(design) == {}
+
+
+def test_the_deployed_rules_are_read_back_as_pushed(db: Database) -> None:
+    assert deployed_rules(db.get("_design/after")) == load_rules()
