@@ -139,9 +139,14 @@ def now() -> datetime:
 
 
 def _update(doc: Doc, **fields: Any) -> Doc:
-    """A copy of doc with fields set; a field set to None is removed."""
+    """A copy of doc with fields set; a field set to None is removed. The document's
+    other fields stay as they are, a null too: dropping one the worker did not mean to
+    change (an admin's `"force": null`) got the write refused."""
     updated = {**doc, **fields}
-    return {k: v for k, v in updated.items() if v is not None}
+    for name, value in fields.items():
+        if value is None:
+            del updated[name]
+    return updated
 
 
 def claim_update(doc: Doc, me: str, at: datetime) -> Doc:

@@ -111,6 +111,14 @@ def test_claim_records_owner_and_time_and_hand_back_removes_them() -> None:
     assert "claimed_at" not in handed_back
 
 
+def test_a_worker_write_keeps_the_fields_it_does_not_set_a_null_too() -> None:
+    """validate_doc_update refuses a worker write that changes `force` (null -> absent)."""
+    task = {**doc("waiting"), "force": None, "note": None}
+    claimed = tasks.claim_update(task, ME, datetime(2026, 12, 1, tzinfo=UTC))
+    assert claimed["force"] is None and claimed["note"] is None
+    assert "owner" not in tasks.hand_back_update(claimed)  # a field set to None still goes
+
+
 def test_running_counts_attempts() -> None:
     first = tasks.running_update(doc("scheduled", ME), ME)
     assert first["attempt"] == 1

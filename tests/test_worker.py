@@ -60,6 +60,13 @@ def test_a_task_with_a_past_date_runs_at_once(db: Database, start_worker: StartW
     assert wait_status(db, task_id, "done", timeout=5)["result"]["started"] is True
 
 
+def test_a_task_with_a_null_force_field_runs(db: Database, start_worker: StartWorker) -> None:
+    """A server admin may write `"force": null`; the worker's writes must keep it."""
+    start_worker()
+    task_id = create(db, force=None)
+    assert wait_status(db, task_id, "done")["force"] is None
+
+
 def test_only_the_named_worker_takes_a_task(db: Database, start_worker: StartWorker) -> None:
     start_worker("manobi")
     other = create(db, worker="someone-else")
