@@ -68,6 +68,10 @@ DEFERRED_SWEEP = 0.25  # seconds between looks at the deferred claims
 # Seconds before its date that a run is handed to a pool thread, which then waits
 # for the exact instant: the handover's own delay is not in the job's lateness.
 START_EARLY = 0.002
+# How long a write off the critical path (an outcome, a commit made well ahead of its
+# date) may wait for others to share its request. The server's cost is per request,
+# and a server with CPU to spare wakes the worker's threads on time (docs/benchmarks.md).
+SHARE_WINDOW = 0.05
 # Seconds between looks when a run's instant came while a write of the task was in flight.
 WRITE_WAIT = 0.01
 # Events queued for the control thread, or our writes not yet back on the feed,
@@ -985,12 +989,12 @@ class Worker:
                 self.forgotten.popitem(last=False)
 
     # -- writes --------------------------------------------------------------------
-    def _write(self, task_id: str, doc: Doc) -> None:
+    def _write(self, task_id: str, doc: Doc, within: float = 0.0) -> None:
         state = self.states[task_id]
         state.writing = True
         self._expect_echo(task_id)
         self.writer.write(
-            doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row))
+            doc, lambda row: self.control.put(lambda: self._written(task_id, doc, row)), within
         )
 
     def _written(self, task_id: str, doc: Doc, row: dict[str, Any]) -> None:
@@ -1117,7 +1121,9 @@ class Worker:
             heapq.heappush(self.slot_wait, (run_at.timestamp(), self._slot_order, task_id))
             return
         self.pool.commit(task_id)
-        self._write(task_id, tasks.running_update(state.doc, self.instance))
+        # Made ahead of the date, it may wait up to half the time left to share a request.
+        within = min(SHARE_WINDOW, until_run / 2)
+        self._write(task_id, tasks.running_update(state.doc, self.instance), within)
 
     def _commit_waiting(self) -> None:
         """Commit the runs that waited for a slot, oldest date first, while there is room."""
@@ -1260,7 +1266,7 @@ class Worker:
         def on_result(row: dict[str, Any]) -> None:
             self.control.put(lambda: self._outcome_written(task_id, doc, outcome, row))
 
-        self.writer.write(doc, on_result)
+        self.writer.write(doc, on_result, SHARE_WINDOW)
 
     def _outcome_written(
         self, task_id: str, doc: Doc, outcome: dict[str, Any], row: dict[str, Any]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -57,19 +60,85 @@ def test_a_request_carries_one_write_per_document_and_later_ones_follow_in_order
     assert db.get("x")["worker"] == "first"
 
 
+class Results:
+    """Each write's row by label, and an event set once `expected` rows are back."""
+
+    def __init__(self, expected: int) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.at: dict[str, float] = {}
+        self.expected = expected
+        self.all_back = threading.Event()
+
+    def note(self, label: str) -> Any:
+        def on_result(row: dict[str, Any]) -> None:
+            self.rows[label], self.at[label] = row, time.monotonic()
+            if len(self.rows) == self.expected:
+                self.all_back.set()
+
+        return on_result
+
+
+@contextmanager
+def running_writer(db: Database) -> Iterator[tuple[BulkWriter, RecordingDatabase]]:
+    recorder = RecordingDatabase(db)
+    writer = BulkWriter(recorder)  # type: ignore[arg-type]
+    writer.start()
+    try:
+        yield writer, recorder
+    finally:
+        writer.stop()
+
+
+def test_writes_that_may_wait_share_the_request_of_the_first_one_due(db: Database) -> None:
+    results = Results(3)
+    with running_writer(db) as (writer, recorder):
+        writer.write(new_task(_id="outcome"), results.note("outcome"), within=30)
+        writer.write(new_task(_id="commit"), results.note("commit"), within=30)
+        time.sleep(0.3)
+        assert recorder.requests == []  # they wait for company
+        writer.write(new_task(_id="claim"), results.note("claim"))  # due at once
+        assert results.all_back.wait(10)
+    assert recorder.requests == [["outcome", "commit", "claim"]]
+    assert all(row.get("ok") for row in results.rows.values())
+
+
+def test_a_write_that_may_wait_is_sent_by_its_time_alone(db: Database) -> None:
+    results = Results(1)
+    with running_writer(db) as (writer, recorder):
+        sent = time.monotonic()
+        writer.write(new_task(_id="outcome"), results.note("outcome"), within=0.3)
+        assert results.all_back.wait(10)
+    assert recorder.requests == [["outcome"]]
+    assert results.at["outcome"] - sent >= 0.3
+    assert db.get("outcome") is not None
+
+
+def test_stopping_the_writer_sends_the_writes_that_wait_at_once(db: Database) -> None:
+    writer = BulkWriter(db)
+    writer.start()
+    results = Results(2)
+    writer.write(new_task(_id="a"), results.note("a"), within=60)
+    writer.write(new_task(_id="b"), results.note("b"), within=60)
+    stopping = time.monotonic()
+    writer.stop()
+    assert time.monotonic() - stopping < 10  # not the minute they might have waited
+    assert results.all_back.is_set()
+    assert db.get("a") is not None and db.get("b") is not None
+
+
 def test_one_write_per_document_keeps_the_order_and_the_limit() -> None:
-    def write(doc_id: str | None, n: int) -> tuple[dict[str, Any], Any]:
+    def write(doc_id: str | None, n: int) -> tuple[dict[str, Any], Any, float]:
         doc = {"n": n} if doc_id is None else {"_id": doc_id, "n": n}
-        return doc, None
+        return doc, None, 0.0
 
     writes = [write("a", 1), write("b", 2), write("a", 3), write(None, 4), write(None, 5),
               write("c", 6), write("a", 7), write("d", 8)]  # fmt: skip
     batch, left = one_write_per_document(writes, limit=4)
-    assert [doc["n"] for doc, _ in batch] == [1, 2, 4, 5]
-    assert [doc["n"] for doc, _ in left] == [3, 6, 7, 8]
+    assert [doc["n"] for doc, _, _ in batch] == [1, 2, 4, 5]
+    assert [doc["n"] for doc, _, _ in left] == [3, 6, 7, 8]
     batch, left = one_write_per_document(left, limit=4)
-    assert [doc["n"] for doc, _ in batch] == [3, 6, 8]
-    assert [doc["n"] for doc, _ in left] == [7]
+    assert [doc["n"] for doc, _, _ in batch] == [3, 6, 8]
+    assert [doc["n"] for doc, _, _ in left] == [7]
 
 
 class DroppingServer(threading.Thread):

@@ -1804,14 +1804,14 @@ def test_a_task_given_to_another_worker_during_a_claim_is_not_run_by_the_first(
     write = first.writer.write
     moved = threading.Event()
 
-    def reassign_then_write(doc: dict[str, Any], on_result: Any) -> None:
+    def reassign_then_write(doc: dict[str, Any], on_result: Any, within: float = 0.0) -> None:
         # The claim: `scheduled`, or `running` when the claim commits the run too (due now).
         if doc.get("claimed_at") and not moved.is_set():
             current = client.get(doc["_id"])
             assert current is not None
             client.put({**current, "worker": "second"})  # the client's move lands first
             moved.set()
-        write(doc, on_result)
+        write(doc, on_result, within)
 
     first.writer.write = reassign_then_write  # type: ignore[method-assign]
     doc_id, _ = client.post(new_task(worker="first", date="2001-01-01", job={"name": "noop"}))
