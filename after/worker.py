@@ -609,7 +609,9 @@ class Worker:
             return False  # always the control thread's to resolve
         state = self.states.get(doc["_id"])
         if state is not None and state.doc["_rev"] == doc["_rev"]:
-            return True
+            # Unless the version we hold was conflicted: the same revision without its
+            # conflict (the other side deleted the losers) is to be decided on now.
+            return not state.doc.get("_conflicts")
         known = tasks.rev_number(state.doc["_rev"]) if state is not None else 0
         # Strictly older only: a sibling of the same generation (a conflict's other
         # side, after a replication) is news.
@@ -635,7 +637,9 @@ class Worker:
                 return
             state = self.states[task_id] = TaskState(doc, resolving=ended)
         elif doc["_rev"] == state.doc["_rev"] and not conflicted:
-            return  # an echo of our own write
+            if not state.doc.get("_conflicts"):
+                return  # an echo of our own write
+            # else its conflict is gone (the losers deleted on the other side): decide
         elif tasks.rev_number(doc["_rev"]) < tasks.rev_number(state.doc["_rev"]):
             return  # an older version
         if state.writing:
@@ -848,7 +852,7 @@ class Worker:
         if latest.get("_conflicts"):
             state.doc = latest
             return self._resolve_conflict(task_id, state)
-        if latest["_rev"] == state.doc["_rev"]:
+        if latest["_rev"] == state.doc["_rev"] and not state.doc.get("_conflicts"):
             return  # the feed brought it meanwhile, and it was decided on
         state.doc = latest
         self._decide(task_id, state)

@@ -384,6 +384,33 @@ def test_a_start_that_meets_a_write_in_flight_waits_for_it(config: Config) -> No
         worker.executor.shutdown()
 
 
+@pytest.mark.parametrize("seen_by", ["the feed", "the recheck"])
+def test_a_conflict_resolved_by_the_other_replica_is_then_decided_on(
+    config: Config, db: Database, seen_by: str
+) -> None:
+    """An instance left a conflicted task to the first claimer (on the other replica);
+    that one kept a winner saying `running` under this instance and deleted the losing
+    revision, this instance's own `done`. The winner comes back with the same revision,
+    only without its conflict: it must be decided on (this instance is not running it:
+    worker lost), not taken for the version already seen and left `running` forever (a
+    two-replica test's failure)."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    db.put({**db.get(task_id), "status": "running", "owner": worker.instance, "attempt": 1})
+    resolved = db.get(task_id)
+    worker.states[task_id] = TaskState({**resolved, "_conflicts": ["5-" + "d" * 32]})
+    if seen_by == "the feed":
+        assert not worker._known(resolved)
+        worker._seen(resolved, seq="9")
+    else:
+        worker._recheck(task_id, delay=1.0)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+    final = db.get(task_id)
+    assert final["status"] == "err" and final["error"]["type"] == "WorkerLost", final
+    worker.executor.shutdown()
+
+
 # -- an instance claims only what it can start on time ---------------------------------
 
 
