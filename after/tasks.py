@@ -256,6 +256,11 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     (the same on every node) stays, each losing revision is deleted, and what the
     losers were doing is recorded on the winner, so a duplicate claim or run is visible.
 
+    One exception: when the winner says an instance is running an attempt and a loser
+    is that same run's end (`done` or `err`, same owner, same attempt), the winner takes
+    the loser's content. The winner is then only older news about that run, and keeping
+    it would leave the task `running` under an instance that has finished it.
+
     Conflicts arise only between replicated nodes or in a partitioned cluster,
     where two writes based on the same revision can both be accepted. The record
     holds no time, so two resolutions of one conflict write the same content.
@@ -279,13 +284,30 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     recorded: dict[Any, dict[str, Any]] = {}
     for entry in [*earlier, *seen]:
         recorded.setdefault(entry.get("rev"), entry)
-    kept = {k: v for k, v in winner.items() if k != "_conflicts"}
+    ended = run_ended_in(winner, losers)
+    base = winner if ended is None else {**ended, "_rev": winner["_rev"]}
+    kept = {k: v for k, v in base.items() if k != "_conflicts"}
     updated = _update(kept, conflicts_resolved=list(recorded.values())[-20:])
     deletions = [
         {"_id": loser["_id"], "_rev": loser["_rev"], "_deleted": True, "resolves_conflict": True}
         for loser in losers
     ]
     return [updated, *deletions]
+
+
+def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
+    """The losing revision that ended the run the winner says is under way, or None;
+    of several, the latest revision (the same choice on every node)."""
+    if winner.get("status") != "running":
+        return None
+    ends = [
+        loser
+        for loser in losers
+        if loser.get("status") in ("done", "err")
+        and loser.get("owner") == winner.get("owner")
+        and loser.get("attempt") == winner.get("attempt")
+    ]
+    return max(ends, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
 
 
 def rev_number(rev: str | None) -> int:

@@ -102,7 +102,7 @@ class TaskState:
     process: subprocess.Popen | None = None  # a job run in a child process (with a timeout)
     run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
     spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
-    resolving: bool = False  # held only to resolve a conflict of a task that had ended
+    resolving: bool = False  # held only to resolve a conflict of a run that had ended
     # A conflict's losing revisions, deleted once the winner recording them has landed.
     losers: list[Doc] = field(default_factory=list)
 
@@ -682,12 +682,15 @@ class Worker:
         )
         updated, *losers = tasks.resolve_conflict(winner, found)
         state.doc = {**winner, "_conflicts": []}
-        if updated.get("conflicts_resolved") == winner.get("conflicts_resolved"):
+        if updated == {k: v for k, v in winner.items() if k != "_conflicts"}:
             # Every loser is on record already (the other replica resolved it first):
             # an unchanged record would be refused (a done task cannot change).
             for loser in losers:
                 self.writer.write(loser, lambda row: None)
             return self._decide(task_id, state)
+        if updated.get("status") != winner.get("status"):
+            log.info("task %s: a losing revision ended the run the winner has under way", task_id)
+            state.resolving = True  # that run's end, not ours: forgotten once written
         state.losers = losers
         self._write(task_id, updated)
 
@@ -1279,16 +1282,26 @@ class Worker:
         if state is None:
             return
         state.writing = False
+        newer, state.newer = state.newer, None
         if row.get("error"):
             self._forget_echo(task_id)
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)  # final: forgotten; a retry or repeat: claimed
-        elif (latest := self._changed_since(task_id, doc, state.newer, row)) is not None:
-            # Changed while the job ran (a cancel): record the outcome on the newest version.
-            state.doc, state.newer = latest, None
+            if newer and newer.get("_conflicts") and _is_news(newer, state.doc):
+                # A replica's write landed beside ours meanwhile: the conflict is still
+                # to be resolved, though the run has ended (no later news may come).
+                self._seen(newer, fresh=True)
+        elif (latest := self._changed_since(task_id, doc, newer, row)) is not None:
+            state.doc = latest
             if latest.get("status") in ("running", "cancel"):
+                # Changed while the job ran (a cancel): record the outcome on the newest version.
                 return self._write_outcome(task_id, state, outcome)
+            if latest.get("_conflicts"):
+                # Ended by a replica's write, beside ours (a duplicate run): resolving the
+                # conflict records ours on the task; forgetting it would leave both.
+                state.resolving = True
+                return self._act_on(task_id, state)
             self._forget(task_id)
         else:
             self._forget(task_id)

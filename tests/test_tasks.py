@@ -206,3 +206,42 @@ def test_a_conflict_is_resolved_by_recording_every_losing_run_on_the_winner() ->
     # a record already on the winner is not written twice
     again, *_ = tasks.resolve_conflict({**updated, "_conflicts": ["4-l"]}, [loser])
     assert again["conflicts_resolved"] == updated["conflicts_resolved"]
+
+
+def test_a_run_still_under_way_on_the_winner_takes_its_end_from_a_losing_revision() -> None:
+    """Between replicas the run's `done` can lose to an older write about the same run
+    (a resolution recorded on its `running`): the end is the newer news and is kept."""
+    winner = doc("running", ME, _rev="5-w", attempt=1, _conflicts=["5-d"])
+    end = {"started_at": "2026-12-01T09:30:00.000Z", "ended_at": "2026-12-01T09:30:01.000Z"}
+    done = doc("done", ME, _rev="5-d", attempt=1, result=42, **end)
+
+    updated, *deletions = tasks.resolve_conflict(winner, [done])
+
+    assert updated["_rev"] == "5-w" and "_conflicts" not in updated
+    assert updated["status"] == "done" and updated["result"] == 42
+    assert updated["ended_at"] == end["ended_at"]
+    assert updated["conflicts_resolved"] == [
+        {"rev": "5-d", "status": "done", "owner": ME, "attempt": 1}
+    ]
+    assert deletions == [{"_id": "t1", "_rev": "5-d", "_deleted": True, "resolves_conflict": True}]
+    assert tasks.resolve_conflict(winner, [done]) == [updated, *deletions]  # same on each node
+
+
+@pytest.mark.parametrize(
+    "winner, loser",
+    [
+        (doc("running", ME, attempt=1), doc("done", OTHER, attempt=1)),  # another's run
+        (doc("running", ME, attempt=2), doc("err", ME, attempt=1)),  # an earlier attempt
+        (doc("cancel", ME, attempt=1), doc("done", ME, attempt=1)),  # a client's request
+        (doc("running", ME, attempt=1), doc("scheduled", ME, attempt=1)),  # not an end
+    ],
+    ids=["other owner", "earlier attempt", "winner not running", "loser not ended"],
+)
+def test_the_winner_stays_unless_a_loser_ended_its_own_run(
+    winner: dict[str, object], loser: dict[str, object]
+) -> None:
+    winner = {**winner, "_rev": "5-w", "_conflicts": ["5-l"]}
+    loser = {**loser, "_rev": "5-l"}
+    updated, *_ = tasks.resolve_conflict(winner, [loser])
+    assert updated["status"] == winner["status"] and updated["owner"] == winner["owner"]
+    assert updated["attempt"] == winner["attempt"]
