@@ -285,6 +285,20 @@ class Database:
         except NotFound:
             return None
 
+    def revisions(self, doc_id: str, revs: list[str]) -> list[Doc]:
+        """The given revisions of a document (a conflict's losers), in one request and
+        in the order given; one the server no longer has (compacted) is left out."""
+        if not revs:
+            return []
+        rows = self._json(
+            "GET",
+            _doc_path(doc_id),
+            params={"open_revs": json.dumps(revs)},
+            headers={"Accept": "application/json"},  # not multipart/mixed
+        )
+        found = {row["ok"]["_rev"]: row["ok"] for row in rows if "ok" in row}
+        return [found[rev] for rev in revs if rev in found]
+
     def put(self, doc: Doc) -> str:
         """Write a document (with its `_rev` if it has one); return the new revision."""
         result = self._json("PUT", _doc_path(doc["_id"]), body=doc)

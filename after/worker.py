@@ -668,11 +668,10 @@ class Worker:
         newer version, so no duplicate run goes unrecorded."""
         winner = state.doc
         try:
-            losers = [self.db.get(task_id, rev=rev) for rev in winner["_conflicts"]]
+            found = self.db.revisions(task_id, winner["_conflicts"])
         except CouchError as exc:
             log.warning("task %s: could not read its conflicting revisions (%s)", task_id, exc)
             return self._recheck_later(task_id)
-        found = [loser for loser in losers if loser is not None]
         log.warning(
             "task %s has %d conflicting revision(s) %s; keeping %s",
             task_id,

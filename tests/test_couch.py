@@ -60,6 +60,32 @@ def test_a_request_carries_one_write_per_document_and_later_ones_follow_in_order
     assert db.get("x")["worker"] == "first"
 
 
+def test_the_revisions_of_a_conflict_are_read_in_one_request(server: Server, db_name: str) -> None:
+    db = server.database(db_name + "-revisions")  # no design doc: replicated writes go
+    db.create()
+    try:
+        doc_id, first = db.post(new_task(status="waiting"))
+        mine = db.put({**db.get(doc_id), "status": "scheduled"})
+        generation, parent = first.split("-")
+        theirs = f"{int(generation) + 1}-{'0' * 32}"
+        replicated = {**db.get(doc_id), "_rev": theirs, "status": "cancel"}
+        replicated["_revisions"] = {"start": int(generation) + 1, "ids": ["0" * 32, parent]}
+        db.server.json(
+            "POST", f"{db.path}/_bulk_docs", body={"docs": [replicated], "new_edits": False}
+        )
+        assert db.get(doc_id, conflicts=True)["_conflicts"] == [theirs]
+
+        found = db.revisions(doc_id, [theirs, mine, f"9-{'e' * 32}"])  # the last never was
+
+        assert [(d["_rev"], d["status"]) for d in found] == [
+            (theirs, "cancel"),
+            (mine, "scheduled"),
+        ]
+        assert db.revisions(doc_id, []) == []
+    finally:
+        db.delete()
+
+
 class Results:
     """Each write's row by label, and an event set once `expected` rows are back."""
 
