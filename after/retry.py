@@ -33,6 +33,10 @@ import isodate
 
 from after.recurrence import parse_span
 
+# Jitter draws from a generator of its own: a worker inside someone's program leaves
+# the `random` module's state (which their seeded runs may rely on) alone.
+_JITTER = random.Random()
+
 __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_DELAY",
@@ -148,7 +152,7 @@ def next_attempt(
     defaults 10 s, 20 s, 40 s ... up to an hour. With ``jitter`` it is drawn
     uniformly between half of that and all of it ("equal jitter": retries of many
     tasks that failed together spread out, yet none comes back sooner than half
-    the backoff). ``rng`` (default: the ``random`` module) makes it reproducible.
+    the backoff). ``rng`` (default: a generator of its own) makes it reproducible.
     The result is in UTC.
     """
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
@@ -165,8 +169,7 @@ def next_attempt(
         seconds = math.inf
     seconds = min(seconds, cap.total_seconds())
     if retry.jitter:
-        uniform = rng.uniform if rng is not None else random.uniform
-        seconds = uniform(seconds / 2, seconds)
+        seconds = (rng or _JITTER).uniform(seconds / 2, seconds)
     return failed_at.astimezone(UTC) + timedelta(seconds=seconds)
 
 

@@ -182,6 +182,16 @@ def test_jitter_is_reproducible_with_a_seeded_rng() -> None:
     assert first != next_attempt(retry, 1, FAILED_AT, random.Random(8))
 
 
+def test_jitter_leaves_the_random_modules_state_alone() -> None:
+    """A worker runs inside someone's program (and beside Hypothesis in the fuzz tests):
+    its jitter must not move the global generator their seeded runs rely on."""
+    retry = Retry(limit=3, delay=timedelta(seconds=30), jitter=True)
+    random.seed(11)
+    state = random.getstate()
+    assert next_attempt(retry, 1, FAILED_AT) is not None
+    assert random.getstate() == state
+
+
 def test_jitter_spreads_retries_that_failed_together() -> None:
     retry = Retry(limit=3, delay=timedelta(minutes=1), jitter=True)
     rng = random.Random(1)
