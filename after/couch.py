@@ -9,6 +9,7 @@ truncate silently).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -511,11 +512,8 @@ class BulkWriter:
             stopping = stopping or self._take_queued(taken)
             wait = min(send_by for _, _, send_by in taken) - time.monotonic()
             if wait > 0 and not stopping and len(taken) < self.max_batch:
-                try:
+                with contextlib.suppress(queue.Empty):  # nothing came: the first one is due
                     item = self.queue.get(timeout=wait)
-                except queue.Empty:
-                    pass
-                else:
                     if item is None:
                         stopping = True
                     else:

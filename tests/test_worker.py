@@ -247,7 +247,7 @@ def statuses_of_every_revision(db: Database, task_id: str) -> list[str]:
     """The status of each revision of the task, oldest first."""
     history = db.get(task_id, revs=True)["_revisions"]
     revs = [f"{history['start'] - i}-{rev}" for i, rev in enumerate(history["ids"])]
-    return [db.get(task_id, rev=rev)["status"] for rev in reversed(revs)]
+    return [doc["status"] for doc in db.revisions(task_id, list(reversed(revs)))]
 
 
 def test_a_task_due_now_is_claimed_and_committed_in_one_write(
