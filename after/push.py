@@ -43,6 +43,10 @@ _LEADING_COMMENTS = re.compile(r"\A(?:\s*/\*.*?\*/|\s*//[^\n]*)*", re.DOTALL)
 
 ATTACHMENTS = "_attachments"
 
+# `function name(` at the start of a design function's source.
+_NAMED_FUNCTION = re.compile(r"\Afunction\s+([A-Za-z_$][\w$]*)\s*\(")
+_COMMENTS = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
+
 # Content types of the files a dashboard is made of; anything else is guessed from
 # its extension (`mimetypes`), and unknown ones are application/octet-stream.
 _CONTENT_TYPES = {
@@ -102,7 +106,8 @@ def compile_designdoc(folder: Path) -> dict[str, Any]:
             continue  # files, not functions: below
         parts = path.relative_to(folder).with_suffix("").parts
         if path.suffix == ".js":
-            value: Any = _LEADING_COMMENTS.sub("", path.read_text(encoding="utf-8")).strip()
+            source = _LEADING_COMMENTS.sub("", path.read_text(encoding="utf-8")).strip()
+            value: Any = anonymous(source, path.relative_to(folder).as_posix())
         elif path.suffix == ".json":
             value = json.loads(path.read_text(encoding="utf-8"))
             if parts[0] == "lib":
@@ -118,6 +123,29 @@ def compile_designdoc(folder: Path) -> dict[str, Any]:
         if attachments:
             doc[ATTACHMENTS] = attachments
     return doc
+
+
+def anonymous(source: str, where: str) -> str:
+    """A design function's source in the form every CouchDB compiles: anonymous.
+
+    Apache CouchDB 3 evaluates the source as a script and wants its value to be a
+    function. Its engines (QuickJS, SpiderMonkey) take a script that opens with
+    `function (` as a function expression, whose value is the function; a named
+    `function map(doc) {...}` is a declaration, whose value is nothing, and the
+    design document is refused ("Expression does not eval to a function"). The
+    files keep their names, so each stays valid, lintable JavaScript.
+    """
+    named = _NAMED_FUNCTION.match(source)
+    if named is None:
+        return source
+    name, body = named.group(1), source[named.end() :]
+    code = _COMMENTS.sub(" ", body)
+    if re.search(rf"(?<![\w$.]){re.escape(name)}\s*\(", code):
+        raise ValueError(
+            f"{where}: function {name} calls itself by name, which its deployed, "
+            "anonymous form cannot: move the recursion into an inner function"
+        )
+    return "function (" + body
 
 
 def compile_all(root: Path | None = None) -> list[dict[str, Any]]:
