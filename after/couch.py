@@ -13,8 +13,10 @@ import contextlib
 import email.utils
 import json
 import logging
+import math
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,8 +61,73 @@ class Unreachable(CouchError):
     """The server did not answer (refused, timed out, reset)."""
 
 
+class Unstorable(CouchError):
+    """A document CouchDB refuses as it is (found before it is sent, or by the server
+    refusing a request as a whole): a number that is not finite, a string that is not
+    valid Unicode, a document over the size limit. The reason names the field."""
+
+
+# CouchDB's default `[couchdb] max_document_size`, in bytes of JSON. A server set
+# lower answers 413, and the write is found and refused on its own all the same.
+MAX_DOCUMENT_SIZE = 8_000_000
+# Whole-request refusals that a document of the request may cause: the request is
+# split to find it (Apache CouchDB 3.5 answers 400 "invalid UTF-8 JSON" for one lone
+# surrogate, 413 for one document over the limit, and writes nothing of the request).
+_REFUSED_WHOLE = {400, 413}
+
+
 def _error_for(status: int) -> type[CouchError]:
     return {409: Conflict, 403: Forbidden, 401: Forbidden, 404: NotFound}.get(status, CouchError)
+
+
+def encode_json(value: Any, path: str = "") -> bytes:
+    """`value` as the JSON bytes CouchDB accepts, or Unstorable naming the field at
+    fault: Python's json writes NaN and lone surrogates (`"\\udc80"`), which Apache
+    CouchDB refuses for the whole request."""
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        problem = json_problem(value, path) or "not valid JSON"
+        raise Unstorable(400, "invalid_json", problem) from None
+
+
+def json_problem(value: Any, path: str = "") -> str | None:
+    """Why `value` is not JSON that CouchDB stores, naming where (`result.items[2]`,
+    under `path`), or None. Walked only once encoding failed: the usual path pays nothing."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"{where or 'the value'}: {item!r} is not a JSON number (only finite ones are)"
+        if isinstance(item, str):
+            bad = _LONE_SURROGATE.search(item)
+            if bad:
+                return (
+                    f"{where or 'the value'}: the lone surrogate \\u{ord(bad.group()):04x} is "
+                    "not valid Unicode (text decoded with errors='surrogateescape'?)"
+                )
+        elif isinstance(item, dict):
+            for key, inner in reversed(list(item.items())):
+                child = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and _LONE_SURROGATE.search(key):
+                    return json_problem(key, f"the key {child!r}")
+                stack.append((child, inner))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{n}]", inner) for n, inner in reversed(list(enumerate(item))))
+    return None
+
+
+# A surrogate code point not part of a pair; Python keeps pairs as one code point, so
+# any surrogate in a str is one CouchDB cannot decode as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """`text` with each lone surrogate written out as `\\udc80`: an error message or a
+    traceback (diagnostics, often decoded process output) is kept, not refused."""
+    if not _LONE_SURROGATE.search(text):
+        return text
+    return _LONE_SURROGATE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", text)
 
 
 def _refusal(response: requests.Response, what: str) -> CouchError:
@@ -171,6 +238,11 @@ class Server:
         """Send one request; raise a CouchError subclass for any error status."""
         url = self.url + path.lstrip("/")
         what = f"{method} {self.display_url}{path.lstrip('/')}"
+        if body is not None and not isinstance(body, bytes):
+            try:
+                body = encode_json(body)
+            except Unstorable as exc:  # never sent: say what is wrong with it
+                raise Unstorable(exc.status, exc.error, exc.reason, what) from None
 
         def send(again: bool = True) -> requests.Response:
             try:
@@ -178,7 +250,7 @@ class Server:
                     method,
                     url,
                     params=_encode_params(params),
-                    data=None if body is None else json.dumps(body),
+                    data=body,
                     headers={
                         **({"Content-Type": "application/json"} if body is not None else {}),
                         **(headers or {}),
@@ -310,23 +382,65 @@ class Database:
         result = self._json("POST", body=doc)
         return result["id"], result["rev"]
 
-    def bulk_docs(self, docs: list[Doc]) -> list[dict[str, Any]]:
+    def bulk_docs(
+        self, docs: list[Doc], encode: Callable[[Doc], bytes] | None = None
+    ) -> list[dict[str, Any]]:
         """Write many documents; one result per document, in the order given.
 
-        Each document succeeds or fails on its own (a 409 or 403 in its row).
-        PouchDB Server returns the rows in another order, so rows are matched
-        by id; documents without an `_id` get one from us first.
+        Each document succeeds or fails on its own (a 409 or 403 in its row), and
+        no document can make the others fail: one CouchDB would refuse for the
+        whole request (not valid JSON, over the size limit) gets an error row of its
+        own without being sent, and a request refused as a whole anyway (400, 413)
+        is split until the document at fault is found. PouchDB Server returns the
+        rows in another order, so rows are matched by id; documents without an
+        `_id` get one from us first. `encode` is for tests: what is sent of a doc.
         """
-        if not docs:
-            return []
         for doc in docs:
             if "_id" not in doc:
                 doc["_id"] = _new_id()
-        rows = self._json("POST", "_bulk_docs", body={"docs": docs})
+        rows: dict[int, dict[str, Any]] = {}
+        encoded: list[tuple[int, bytes]] = []
+        for n, doc in enumerate(docs):
+            try:
+                data = (encode or encode_json)(doc)
+            except Unstorable as exc:
+                rows[n] = _error_row(doc, exc.error, exc.reason)
+                continue
+            if len(data) > MAX_DOCUMENT_SIZE:
+                reason = (
+                    f"the document is {len(data):,} bytes of JSON, over CouchDB's "
+                    f"max_document_size ({MAX_DOCUMENT_SIZE:,})"
+                )
+                rows[n] = _error_row(doc, "document_too_large", reason)
+                continue
+            encoded.append((n, data))
+        self._bulk_encoded(docs, encoded, rows)
+        return [rows[n] for n in range(len(docs))]
+
+    def _bulk_encoded(
+        self, docs: list[Doc], encoded: list[tuple[int, bytes]], rows: dict[int, dict[str, Any]]
+    ) -> None:
+        if not encoded:
+            return
+        body = b'{"docs":[' + b",".join(data for _, data in encoded) + b"]}"
+        try:
+            answer = self._json("POST", "_bulk_docs", body=body)
+        except CouchError as exc:
+            if exc.status not in _REFUSED_WHOLE:
+                raise  # the server's state (down, credentials), not a document's
+            if len(encoded) == 1:
+                (n, _), what = encoded[0], f"refused by the server ({exc.status})"
+                rows[n] = _error_row(docs[n], exc.error, f"{what}: {exc.reason}")
+                return
+            middle = len(encoded) // 2
+            self._bulk_encoded(docs, encoded[:middle], rows)
+            self._bulk_encoded(docs, encoded[middle:], rows)
+            return
         by_id: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
+        for row in answer:
             by_id.setdefault(row.get("id", ""), []).append(row)
-        return [by_id[doc["_id"]].pop(0) for doc in docs]
+        for n, _ in encoded:
+            rows[n] = by_id[docs[n]["_id"]].pop(0)
 
     def all_docs(self, **params: Any) -> dict[str, Any]:
         if "keys" in params:
@@ -416,6 +530,23 @@ class Database:
             ) from None
         finally:
             response.close()
+
+
+# What a `_bulk_docs` row's error says when a rule or another writer refused the
+# write; any other error is about the document itself, which cannot be stored.
+_REFUSED_BY_RULE = {"conflict", "forbidden", "unauthorized"}
+
+
+def refused_as_is(row: dict[str, Any]) -> bool:
+    """Whether a write was refused for what the document holds (not valid JSON, too
+    large), rather than by a rule or a conflict: the same write would be refused again."""
+    error = row.get("error")
+    return bool(error) and error not in _REFUSED_BY_RULE
+
+
+def _error_row(doc: Doc, error: str, reason: str) -> dict[str, Any]:
+    """A `_bulk_docs` row for a document refused as it is."""
+    return {"id": doc["_id"], "error": error, "reason": reason}
 
 
 def _doc_path(doc_id: str) -> str:

@@ -51,6 +51,8 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from after.couch import Unstorable, encode_json
+
 logger = logging.getLogger("after.jobs")
 
 #: Syntax of a job name (dunder names are refused as well, see :func:`check_name`).
@@ -418,8 +420,10 @@ def run_job(
     if inspect.isawaitable(result):
         result = _resolve(result)
     try:
-        json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
+        encode_json(result, "result")
+    except Unstorable as exc:  # NaN, a lone surrogate: CouchDB would refuse the outcome
+        raise JobError(f"result of job {name!r} cannot be stored: {exc.reason}") from None
+    except (TypeError, RecursionError) as exc:
         raise JobError(f"result of job {name!r} is not JSON-serialisable: {exc}") from exc
     return result
 

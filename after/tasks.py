@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from after.couch import storable_text
 from after.push import load_rules
 
 Doc = dict[str, Any]
@@ -221,6 +222,23 @@ def outcome_update(doc: Doc, outcome: dict[str, Any]) -> Doc:
     return _update(doc, status=status, **outcome)
 
 
+REFUSED_OUTCOME = "OutcomeRefused"  # the error type of a run whose outcome CouchDB refused
+
+
+def refused_outcome(outcome: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A run's outcome that CouchDB refused to store, as the failure it becomes: the
+    run's times are kept, the result is not, and the error says what was refused."""
+    message = (
+        f"the run's outcome could not be stored: CouchDB refused it "
+        f"({row.get('error')}: {row.get('reason')})"
+    )
+    return {
+        **outcome,
+        "result": None,
+        "error": {"type": REFUSED_OUTCOME, "message": _cap(message)},
+    }
+
+
 def cap_result(result: Any) -> Any:
     """The result as it may be stored: a large one is replaced by a marked preview."""
     text = json.dumps(result)
@@ -246,6 +264,7 @@ def error_info(error: BaseException) -> dict[str, str]:
 
 
 def _cap(text: str) -> str:
+    text = storable_text(text)  # decoded process output may hold lone surrogates
     if len(text) <= MAX_TEXT:
         return text
     return text[:MAX_TEXT] + f"... [cut: {len(text) - MAX_TEXT} more characters]"

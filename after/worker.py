@@ -50,6 +50,7 @@ from after.couch import (
     NotFound,
     Server,
     Unreachable,
+    refused_as_is,
 )
 from after.jobs import JobContext, JobLoader, run_job, run_job_in_process, stop_job_process
 from after.push import deployed_rules
@@ -182,6 +183,9 @@ class Worker:
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
         self.peers_wanted = threading.Event()
         self.forgotten: OrderedDict[str, int] = OrderedDict()
+        # Tasks whose version CouchDB refused to store as it is (id -> that revision):
+        # not written again until someone changes them.
+        self.unstorable: dict[str, str] = {}
         self.start_up_error: Exception | None = None
         # When the feed last brought a task written by each other instance (monotonic):
         # an instance still working through its claims is not to be raced for them.
@@ -629,6 +633,8 @@ class Worker:
             ended = doc.get("status") in tasks.FINAL or doc.get("status") == "err"
             if ended and not conflicted:
                 return
+            if self.unstorable.get(task_id) == doc["_rev"]:
+                return  # CouchDB refused to store this version once: it would again
             if (
                 not fresh
                 and not conflicted
@@ -1032,6 +1038,8 @@ class Worker:
                     self._act_on(task_id, state)
                 elif newer.get("_conflicts"):  # ended and forgotten, but in conflict
                     self._seen(newer, fresh=True)
+        elif refused_as_is(row) and not (newer and _is_newer(newer, doc)):
+            self._unstorable(task_id, state, row)
         elif row.get("error") == "conflict" and not (newer and _is_newer(newer, doc)):
             # Someone else wrote first (another instance's claim, a client's cancel):
             # the feed brings that version in a moment; read it ourselves only if not.
@@ -1042,6 +1050,20 @@ class Worker:
         else:
             self._forget(task_id)
         self._maybe_finish_stop()
+
+    def _unstorable(self, task_id: str, state: TaskState, row: dict[str, Any]) -> None:
+        """CouchDB cannot store what this instance would write of the task (its content,
+        not a rule): the same write would be refused again, so the task is left as it
+        is, and this version of it is not taken up again."""
+        log.error(
+            "task %s: CouchDB refuses to store it (%s: %s); left as it is, with status %s",
+            task_id,
+            row.get("error"),
+            row.get("reason"),
+            state.doc.get("status"),
+        )
+        self.unstorable[task_id] = state.doc["_rev"]
+        self._forget(task_id)
 
     def _claim_commits_still_allowed(self) -> bool:
         """After a claim that commits was refused: read the design doc again, in case an
@@ -1284,6 +1306,20 @@ class Worker:
         newer, state.newer = state.newer, None
         if row.get("error"):
             self._forget_echo(task_id)
+        refused_before = (outcome.get("error") or {}).get("type") == tasks.REFUSED_OUTCOME
+        if refused_as_is(row) and not refused_before and not (newer and _is_newer(newer, doc)):
+            # The outcome cannot be stored (too large, not valid JSON): the run fails
+            # with what CouchDB refused, so the task does not stay `running` for good.
+            log.error(
+                "task %s: CouchDB refused its outcome (%s: %s); the run fails with that",
+                task_id,
+                row.get("error"),
+                row.get("reason"),
+            )
+            return self._write_outcome(task_id, state, tasks.refused_outcome(outcome, row))
+        if refused_as_is(row) and not (newer and _is_newer(newer, doc)):
+            self._unstorable(task_id, state, row)  # even the failure: too large
+            return self._maybe_finish_stop()
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             self._after_write(task_id, state)  # final: forgotten; a retry or repeat: claimed

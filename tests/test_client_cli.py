@@ -199,6 +199,18 @@ def test_a_job_name_the_server_refuses_is_one_line_with_its_reason(
     assert task_count(db) == 0
 
 
+def test_an_argument_that_is_not_unicode_is_one_line_naming_it_and_nothing_is_sent(
+    env: dict[str, str], db: Database
+) -> None:
+    """A byte that is not UTF-8 on the command line reaches Python as a lone surrogate
+    (surrogateescape), which CouchDB refuses: the field is named, nothing is written."""
+    bad = os.fsdecode(b"bad \x80")  # what Python makes of such a byte in argv
+    result = after_cli(env, "schedule", "manobi", "echo", "ok", bad, "--in", "1m")
+    line = one_line_error(result)
+    assert "400 invalid_json: job.arguments[1]: the lone surrogate \\udc80" in line
+    assert task_count(db) == 0
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -14,6 +14,9 @@
  *     rejected; a refused destroy keeps the open database in the cache.
  *   - express-pouchdb/lib/utils.js setDBOnReq: a failure to open or wrap a
  *     database is answered instead of leaving the request hanging.
+ *   - utils.js jsonParser: a body with a lone surrogate escape ("\udc80") is
+ *     refused with 400 "invalid UTF-8 JSON", as Apache CouchDB 3 refuses it
+ *     (it was stored, and could not be written back to a real CouchDB).
  *   - pouchdb-changeslike-wrapper (used by pouchdb-security and
  *     pouchdb-system-db for changes() and replication): it re-emitted
  *     'error' on an emitter nobody listens to, which threw after the 404 had
@@ -283,7 +286,7 @@ function beforeRoutes(name, before) {
 
 function checkAllPatchesApplied() {
   var missing = [
-    'create-or-delete-dbs', 'utils.setDBOnReq', 'pouchdb-changeslike-wrapper',
+    'create-or-delete-dbs', 'utils.setDBOnReq', 'utils.jsonParser', 'pouchdb-changeslike-wrapper',
     'pouchdb-validation', 'pouchdb-utils', 'pouchdb-adapter-leveldb-core', 'pouchdb-adapter-utils',
     'routes/changes batching',
     'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
@@ -410,6 +413,63 @@ var utils = require(fileOf('express-pouchdb/lib/utils.js'));
     });
   };
   applied['utils.setDBOnReq'] = true;
+})();
+
+// --- utils.jsonParser: refuse what Apache CouchDB refuses ---------------------
+//
+// A lone surrogate escape ("\udc80") is valid JSON syntax but not Unicode:
+// Apache CouchDB 3 refuses such a request as a whole (400 "invalid UTF-8 JSON")
+// and PouchDB Server stored it, so a document written here could not be written
+// back to, or replicated into, a real CouchDB. The raw body is searched for a
+// surrogate escape first (native, per request); only a body that has one is
+// walked after parsing. Otherwise the parser of the original (utils.js
+// buildJSONParser(false)), with the same answers.
+
+(function () {
+  var bodyParser = require(resolveFrom(expressDir, 'body-parser'));
+  var SURROGATE_ESCAPE = /\\u[dD][89a-fA-F][0-9a-fA-F]{2}/;
+  var LONE = /[\ud800-\udbff](?![\udc00-\udfff])|(?:[^\ud800-\udbff]|^)[\udc00-\udfff]/;
+
+  function hasLoneSurrogate(value) {
+    if (typeof value === 'string') {
+      return LONE.test(value);
+    }
+    if (typeof value !== 'object' || value === null) {
+      return false;
+    }
+    for (var key in value) {
+      if (Object.prototype.hasOwnProperty.call(value, key) &&
+          (LONE.test(key) || hasLoneSurrogate(value[key]))) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  function verify(req, res, buf) {
+    req.afterSurrogateEscape = buf.indexOf('\\u') >= 0 && SURROGATE_ESCAPE.test(buf.toString('latin1'));
+  }
+
+  utils.jsonParser = function (req, res, next) {
+    var limit = req.app.couchConfig ?
+      req.app.couchConfig.get('couchdb', 'max_document_size') : utils.maxDocumentSizeDefault;
+    bodyParser.json({limit: limit, verify: verify})(req, res, function (err) {
+      if (err) {
+        if (err.status === 400) {
+          return utils.sendJSON(res, 400, {error: 'bad_request', reason: 'invalid_json'});
+        }
+        if (err.status === 413) {
+          return utils.sendJSON(res, 413, {error: 'too_large', reason: 'the request entity is too large'});
+        }
+        return utils.sendError(res, err, 500);
+      }
+      if (req.afterSurrogateEscape && hasLoneSurrogate(req.body)) {
+        return utils.sendJSON(res, 400, {error: 'bad_request', reason: 'invalid UTF-8 JSON'});
+      }
+      next();
+    });
+  };
+  applied['utils.jsonParser'] = true;
 })();
 
 // --- pouchdb-changeslike-wrapper: no 'error' event nobody listens to --------
