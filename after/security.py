@@ -19,9 +19,10 @@ a server admin: `admin_party()` tells, and `after couchdb lock` ends it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-from after.couch import Server
+from after.couch import NotFound, Server
 from after.push import load_rules
 
 _RULES = load_rules()
@@ -67,3 +68,61 @@ def admin_party_warning(display_url: str) -> str:
         f'WARNING: {display_url} is in "admin party": anyone who can reach it is a server '
         f"admin; lock it down with `{LOCK_COMMAND}`"
     )
+
+
+# -- the dashboard on Apache CouchDB >= 3.2 ---------------------------------------------
+
+# What the dashboard needs and no more: its own files, requests to its own server,
+# images of its own or inline (data:). No inline script or style, nothing elsewhere.
+DASHBOARD_POLICY = "default-src 'self'; img-src 'self' data:"
+DASHBOARD_COMMAND = "after setup --dashboard"
+# The setting CouchDB serves as the Content-Security-Policy of every attachment.
+CSP_SETTING = ("csp", "attachments_header_value")
+
+
+def is_pouchdb_server(server: Server) -> bool:
+    """PouchDB Server welcomes as express-pouchdb; Apache CouchDB as couchdb."""
+    return "express-pouchdb" in server.welcome()
+
+
+def cluster_nodes(server: Server) -> list[str]:
+    """The nodes whose configuration a server-wide setting must be written to: every
+    node of a cluster (`/_membership`), as `/_node/_local` is the answering node only."""
+    nodes = server.json("GET", "_membership").get("cluster_nodes") or []
+    return sorted(nodes) or ["_local"]
+
+
+def attachment_policies(server: Server) -> dict[str, str | None]:
+    """Each node's `[csp] attachments_header_value`, or None where it is not set
+    (CouchDB then sends `sandbox`, which keeps the dashboard's script from running)."""
+    section, key = CSP_SETTING
+    policies: dict[str, str | None] = {}
+    for node in cluster_nodes(server):
+        try:
+            policies[node] = server.json("GET", f"_node/{node}/_config/{section}/{key}")
+        except NotFound:
+            policies[node] = None
+    return policies
+
+
+def allow_dashboard(server: Server) -> dict[str, str | None]:
+    """Serve attachments with DASHBOARD_POLICY instead of `sandbox`, on every node;
+    return each node's policy before. Server-wide: HTML attachments of every database
+    on the server may then run scripts from the same server."""
+    section, key = CSP_SETTING
+    before = attachment_policies(server)
+    for node in before:
+        server.json("PUT", f"_node/{node}/_config/{section}/{key}", body=DASHBOARD_POLICY)
+    return before
+
+
+def restore_attachment_policies(server: Server, policies: dict[str, str | None]) -> None:
+    """Put back the policies `allow_dashboard` returned (None: CouchDB's default)."""
+    section, key = CSP_SETTING
+    for node, policy in policies.items():
+        path = f"_node/{node}/_config/{section}/{key}"
+        if policy is None:
+            with contextlib.suppress(NotFound):
+                server.json("DELETE", path)
+        else:
+            server.json("PUT", path, body=policy)

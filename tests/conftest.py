@@ -10,12 +10,14 @@ unique names and deletes afterwards.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,27 @@ def new_task(**fields: Any) -> dict[str, Any]:
     }
     task.update(fields)
     return task
+
+
+@contextmanager
+def replicator_user(*admins: Server) -> Iterator[tuple[str, str]]:
+    """A user with After's replicator role on each server, the credentials a replication
+    runs as (Apache CouchDB validates replicated revisions too); deleted afterwards."""
+    from after.security import ROLES
+
+    name, password = f"after-test-replicator-{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(18)
+    try:
+        for admin in admins:
+            admin.put_user(name, password, [ROLES["replicator"]])
+        yield name, password
+    finally:
+        for admin in admins:
+            users = admin.database("_users")
+            doc = users.get(f"org.couchdb.user:{name}")
+            if doc:
+                users.bulk_docs([{**doc, "_deleted": True}])
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """`url` (without credentials) with these in it."""
+    return url.replace("://", f"://{user}:{password}@", 1)

@@ -141,7 +141,7 @@ def test_the_table_is_consistent() -> None:
 
 
 def test_the_role_columns_of_the_table_are_consistent() -> None:
-    assert set(RULES["roles"]) == {"client", "worker"}
+    assert set(RULES["roles"]) == {"client", "worker", "replicator"}
     task_fields = {"_id", "_rev", "type", "worker", "date", "job", "status"}
     worker_fields = RULES["worker_fields"]
     assert len(set(worker_fields)) == len(worker_fields)

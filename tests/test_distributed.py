@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, new_task, wait_for
+from conftest import REPO, new_task, replicator_user, wait_for, with_credentials
 from test_worker import StartWorker, create, in_seconds, recording_jobs, wait_status
 
 from after import embedded, records
-from after.config import Config
+from after.config import Config, split_credentials
 from after.couch import Database, Forbidden, Server
 from after.push import push
+from after.security import is_pouchdb_server, security_object
 from after.tasks import Local, parse_date
 from after.worker import TaskState, Worker
 
@@ -343,15 +344,20 @@ def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
         source.server.json("POST", f"{source.path}/_bulk_docs", body=body)
         assert source.get(task_id, conflicts=True).get("_conflicts") == [loser]
         # PouchDB Server's validation wrapper drops replicated revisions sent over HTTP, so
-        # its target is the local name; Apache CouchDB 3 takes URLs only (and credentials in
-        # them): see test_resilience.replicate_both_ways
-        pouchdb = "express-pouchdb" in server.json("GET", "")
-        base = couch_url.rstrip("/") + "/"
-        ends = {"source": base + source.name, "target": base + db.name}
-        if pouchdb:
-            ends["target"] = db.name
-        replicated = server.json("POST", "_replicate", body=ends)
-        assert replicated.get("ok"), replicated
+        # its target is the local name; Apache CouchDB 3 takes URLs only, and validates
+        # what it replicates: as a user with the replicator role (the task arrives done).
+        # See test_resilience.replicate_both_ways and couchdb_replicas.
+        bare = split_credentials(couch_url)[0]
+        with replicator_user(server) as replicator:
+            if is_pouchdb_server(server):
+                ends = {"source": bare + source.name, "target": db.name}
+            else:
+                for end in (source, db):
+                    end.set_security(security_object())  # admits the replicator role
+                as_replicator = with_credentials(bare, *replicator)
+                ends = {"source": as_replicator + source.name, "target": as_replicator + db.name}
+            replicated = server.json("POST", "_replicate", body=ends)
+        assert replicated.get("ok") and not replicated.get("doc_write_failures"), replicated
         wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=20)
         doc = db.get(task_id)
         assert doc["_rev"] == winner["_rev"] and doc["status"] == "done"

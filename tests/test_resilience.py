@@ -18,9 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,12 +30,13 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO, new_task, wait_for
+from conftest import REPO, new_task, replicator_user, wait_for, with_credentials
 
 from after import embedded, records
 from after.config import split_credentials
 from after.couch import Conflict, Database, Forbidden, Server
 from after.push import push
+from after.security import security_object
 from after.tasks import iso, parse_date
 
 NAME = "manobi"
@@ -630,16 +633,91 @@ def replicate_both_ways(first: EmbeddedServer, second: EmbeddedServer, db_name: 
         assert answer.status_code == 200 and answer.json().get("ok"), answer.text
 
 
-def test_two_replicated_servers_resolve_conflicting_claims(
-    embedded_servers: Callable[[str], EmbeddedServer], workers: Workers, tmp_path: Path
-) -> None:
+@dataclass(frozen=True)
+class Replica:
+    """One side of a replication: where its worker connects, and the database."""
+
+    url: str  # with credentials, if any
+    database: Database
+
+
+@contextmanager
+def couchdb_replicas(couch_url: str, server: Server) -> Iterator[tuple[Replica, Replica]]:
+    """Two databases replicating both ways on the given Apache CouchDB (or one on it and
+    one on AFTER_TEST_COUCHDB_URL_2, a second server), through `_replicator` documents,
+    as a user with the replicator role: CouchDB validates replicated revisions too, and
+    a task arrives there as the other side left it (done, or several moves later)."""
+    second_url = os.environ.get("AFTER_TEST_COUCHDB_URL_2") or couch_url
+    name = f"after-test-{uuid.uuid4().hex[:10]}"
+    sides = []
+    for url, suffix in ((couch_url, "east"), (second_url, "west")):
+        bare, user, password = split_credentials(url)
+        admin = Server(bare, (user, password or "") if user else None)
+        sides.append((url, bare, admin.database(f"{name}-{suffix}")))
+    documents: list[tuple[Database, str]] = []
+    with ExitStack() as cleanup:
+        replicator = cleanup.enter_context(replicator_user(*(db.server for _, _, db in sides)))
+        for _, _, database in sides:
+            push(database)  # validate_doc_update and all, on both sides
+            database.set_security(security_object())
+            cleanup.callback(database.delete)
+        for (_, source_url, source), (_, target_url, target) in (sides, sides[::-1]):
+            jobs = target.server.database("_replicator")  # pulled by the target's server
+            doc_id, _ = jobs.post(
+                {
+                    "source": with_credentials(source_url, *replicator) + source.name,
+                    "target": with_credentials(target_url, *replicator) + target.name,
+                    "continuous": True,
+                }
+            )
+            documents.append((jobs, doc_id))
+            cleanup.callback(lambda jobs=jobs, doc_id=doc_id: delete_latest(jobs, doc_id))
+        for jobs, doc_id in documents:
+            wait_for(lambda jobs=jobs, doc_id=doc_id: replication_state(jobs, doc_id) == "running")
+        yield tuple(Replica(url, database) for url, _, database in sides)  # type: ignore[misc]
+
+
+def replication_state(replicator: Database, doc_id: str) -> str | None:
+    path = f"_scheduler/docs/{replicator.path}/{doc_id}"
+    return replicator.server.json("GET", path).get("state")
+
+
+def delete_latest(db: Database, doc_id: str) -> None:
+    doc = db.get(doc_id)
+    if doc:
+        db.bulk_docs([{"_id": doc_id, "_rev": doc["_rev"], "_deleted": True}])
+
+
+@contextmanager
+def embedded_replicas(
+    embedded_servers: Callable[[str], EmbeddedServer],
+) -> Iterator[tuple[Replica, Replica]]:
+    """Two PouchDB Servers of our own replicating both ways (see replicate_both_ways)."""
     east, west = embedded_servers("east"), embedded_servers("west")
-    dbs = [east.database("tasks"), west.database("tasks")]
-    for database in dbs:
-        push(database)  # validate_doc_update and all, on both sides
+    for side in (east, west):
+        push(side.database("tasks"))
     replicate_both_ways(east, west, "tasks")
+    yield Replica(east.url, east.database("tasks")), Replica(west.url, west.database("tasks"))
+
+
+@pytest.fixture
+def replicas(
+    couch_url: str, server: Server, embedded_servers: Callable[[str], EmbeddedServer]
+) -> Iterator[tuple[Replica, Replica]]:
+    """Two replicating databases: on the server the suite runs against when one was
+    given (AFTER_TEST_COUCHDB_URL), else two embedded PouchDB Servers."""
+    given = os.environ.get("AFTER_TEST_COUCHDB_URL")
+    pair = couchdb_replicas(couch_url, server) if given else embedded_replicas(embedded_servers)
+    with pair as sides:
+        yield sides
+
+
+def test_two_replicated_servers_resolve_conflicting_claims(
+    replicas: tuple[Replica, Replica], workers: Workers, tmp_path: Path
+) -> None:
+    dbs = [side.database for side in replicas]
     jobs, ledger = ledger_jobs(tmp_path)
-    instances = [workers.start(1, server.url, "tasks", jobs)[0] for server in (east, west)]
+    instances = [workers.start(1, side.url, side.database.name, jobs)[0] for side in replicas]
     ids = insert_burst(dbs[0], 1000, first=1.0, last=4.0)
 
     Watch(dbs[0]).wait(lambda counts: sum(counts[s] for s in FINAL) == len(ids), timeout=60)
@@ -674,7 +752,7 @@ def test_two_replicated_servers_resolve_conflicting_claims(
     invisible = [i for i in duplicates if i not in resolved]
     never_ran = [i for i in ids if i not in runs]
     report(
-        "2 PouchDB Servers replicating both ways, one instance on each, 1,000 tasks due "
+        "2 databases replicating both ways, one instance on each, 1,000 tasks due "
         "over 3 s written on one side",
         f"final statuses: {dict(statuses)}",
         f"why tasks failed: {dict(failures)}",

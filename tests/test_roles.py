@@ -70,9 +70,15 @@ class Users:
 
 @contextmanager
 def after_users(admin: Server) -> Iterator[Users]:
-    """A client, a worker and a plain user with unique names; deleted afterwards."""
+    """A client, a worker, a replicator and a plain user with unique names; deleted
+    afterwards."""
     suffix = uuid.uuid4().hex[:10]
-    roles = {"client": [ROLES["client"]], "worker": [ROLES["worker"]], "plain": []}
+    roles = {
+        "client": [ROLES["client"]],
+        "worker": [ROLES["worker"]],
+        "replicator": [ROLES["replicator"]],
+        "plain": [],
+    }
     created: dict[str, tuple[str, str]] = {}
     try:
         for kind, user_roles in roles.items():
@@ -166,11 +172,13 @@ def role_rule(role: str) -> str:
 # -- the users themselves --------------------------------------------------------------------
 
 
-def test_the_two_roles_are_distinct_user_roles() -> None:
-    assert set(ROLES) == {"client", "worker"}
-    assert ROLES["client"] != ROLES["worker"]
+def test_the_roles_are_distinct_user_roles() -> None:
+    assert set(ROLES) == {"client", "worker", "replicator"}
+    assert len(set(ROLES.values())) == 3
     assert not any(role.startswith("_") for role in ROLES.values()), "_ roles are CouchDB's own"
-    assert {who for targets in TRANSITIONS.values() for who in targets.values()} == set(ROLES)
+    # the moves of the table are the clients' and the workers'; a replicator makes none
+    moves = {who for targets in TRANSITIONS.values() for who in targets.values()}
+    assert moves == {"client", "worker"}
 
 
 @pytest.mark.parametrize("kind", ["client", "worker", "plain"])
@@ -544,3 +552,58 @@ def test_a_worker_may_record_a_resolved_conflict_on_a_final_task(db: Database) -
     with pytest.raises(Forbidden) as refused:
         db.put({**db.get(task_id), "conflicts_resolved": [], "result": "forged"})
     assert "is final" in refused.value.reason
+
+
+# -- replication ------------------------------------------------------------------------------
+
+
+def test_a_replicator_writes_what_another_server_made_checked_for_shape_only(
+    users: Users, secured: Database
+) -> None:
+    """A replication writes each document's latest revision as the source has it: a task
+    never seen here arrives done, one seen waiting arrives after several moves, and
+    deletions come as they were made. Its user (role after_replicator) gets them in."""
+    replicator = users.db("replicator", secured)
+    done = new_task(
+        _id=f"r-{uuid.uuid4().hex[:8]}",
+        status="done",
+        owner="manobi@elsewhere:1:abcd",
+        attempt=1,
+        result={"ok": True},
+        history=[],
+    )
+    replicator.put(done)  # new here, and done already
+    waiting = create(users.db("client", secured))
+    jumped = put(replicator, replicator.get(waiting["_id"]), status="done", owner="m@x:1:a")
+    assert secured.get(waiting["_id"])["status"] == "done" == jumped["status"]
+    running = task_in(secured, "running")
+    replicator.bulk_docs([{"_id": running["_id"], "_rev": running["_rev"], "_deleted": True}])
+    assert secured.get(running["_id"]) is None
+    record = {"_id": f"{PREFIX}manobi@h:1:r", "type": "worker", "name": "manobi",
+              "instance": "manobi@h:1:r", "state": "running"}  # fmt: skip
+    replicator.put(record)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"date": "2011-02-30"}, 'date: "2011-02-30" is not a real calendar date'),
+        ({"status": "lost"}, "status: must be one of"),
+        ({"attempt": -1}, "attempt: must be a whole number of at least 0"),
+        ({"type": "other"}, 'type: unknown document type "other"'),
+    ],
+)
+def test_a_replicator_cannot_write_a_task_of_the_wrong_shape(
+    users: Users, secured: Database, change: dict[str, Any], reason: str
+) -> None:
+    replicator = users.db("replicator", secured)
+    doc = {**new_task(_id=f"r-{uuid.uuid4().hex[:8]}", status="done"), **change}
+    assert refused(lambda: replicator.put(doc)).startswith(reason)
+
+
+def test_the_replicator_role_is_never_implied_not_even_for_server_admins(
+    server: Server, secured: Database
+) -> None:
+    """A server admin's writes keep every rule (a new task is waiting)."""
+    doc = new_task(_id=f"r-{uuid.uuid4().hex[:8]}", status="done")
+    assert "a new task must start as" in refused(lambda: secured.put(doc))
