@@ -795,19 +795,35 @@ def warn_if_admin_party(config: Config) -> bool:
 
 @main.command()
 @connection_options
-@click.option("--user", "user_name", default="after", show_default=True, help="The user to create.")
+@click.option(
+    "--user",
+    "user_name",
+    default=None,
+    help="The user to create or update [default: after, unless only --dashboard is given].",
+)
 @click.option(
     "--role",
-    type=click.Choice(["worker", "client"]),
+    type=click.Choice(["worker", "client", "replicator"]),
     default="worker",
     show_default=True,
-    help="worker: runs tasks; client: creates and steers tasks.",
+    help="worker: runs tasks; client: creates and steers tasks; replicator: the user a "
+    "replication between servers runs as (its writes are checked for shape only).",
+)
+@click.option(
+    "--dashboard",
+    is_flag=True,
+    help="Let the dashboard's script run on Apache CouchDB 3.2+, which serves attachments "
+    "with `Content-Security-Policy: sandbox`: sets [csp] attachments_header_value on every "
+    "node to the narrowest policy the page needs.",
 )
 @friendly_errors
-def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) -> None:
+def setup(
+    couchdb_url: str | None, db: str | None, user_name: str | None, role: str, dashboard: bool
+) -> None:
     """Create the database, a user and the database's security (needs admin credentials).
 
     The password comes from AFTER_USER_PASSWORD or a prompt, never from the command line.
+    With --dashboard alone, only the dashboard's setting is made.
     """
     from after import push as pusher
     from after.security import ROLES, security_object, user_context
@@ -822,6 +838,12 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
             "give admin credentials (in the URL, AFTER_COUCHDB_USER / AFTER_COUCHDB_PASSWORD "
             "or the config file)"
         )
+    if dashboard and user_name is None:
+        result = pusher.push(server.database(config.db))
+        if result.created_db:
+            click.echo(f"created database {config.db}")
+        return setup_dashboard(config, server)
+    user_name = user_name or "after"
     password = os.environ.get("AFTER_USER_PASSWORD") or click.prompt(
         f"password for {user_name}", hide_input=True, confirmation_prompt=True
     )
@@ -842,6 +864,31 @@ def setup(couchdb_url: str | None, db: str | None, user_name: str, role: str) ->
             click.echo(f"anonymous requests to {config.db} are refused ({exc.status})")
         else:
             fail(f"{config.db} still answers anonymous requests: check the server's security")
+    if dashboard:
+        setup_dashboard(config, server)
+
+
+def setup_dashboard(config: Config, server: Server) -> None:
+    """`after setup --dashboard`: the page's script may run, and what that opens."""
+    from after.security import DASHBOARD_POLICY, allow_dashboard, is_pouchdb_server
+
+    page = f"{config.display_url}{config.db}/_design/after/index.html"
+    if is_pouchdb_server(server):
+        click.echo(
+            "PouchDB Server serves attachments without a Content-Security-Policy: "
+            f"the dashboard needs no setting ({page})"
+        )
+        return
+    before = allow_dashboard(server)
+    for node, policy in before.items():
+        was = "CouchDB's default, sandbox" if policy is None else policy
+        click.echo(f"{node}: [csp] attachments_header_value = {DASHBOARD_POLICY} (was: {was})")
+    click.echo(
+        "This is server-wide: the HTML attachments of every database on this server may now "
+        "run scripts served by this server (never inline ones, nor from elsewhere). Do it "
+        "only where everyone who can write documents with attachments is trusted."
+    )
+    click.echo(f"the dashboard: {page}")
 
 
 # -- the embedded server -----------------------------------------------------------------

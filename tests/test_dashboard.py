@@ -24,11 +24,18 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO, new_task, wait_for
+from conftest import REPO, after_cli, new_task, wait_for
 
 from after.config import Config, split_credentials
 from after.couch import Database, Server
 from after.push import compile_designdoc, designdocs_dir, md5_digest, push, same_attachments
+from after.security import (
+    DASHBOARD_POLICY,
+    allow_dashboard,
+    attachment_policies,
+    is_pouchdb_server,
+    restore_attachment_policies,
+)
 from after.tasks import iso
 
 CHROMIUM = os.environ.get("AFTER_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -178,8 +185,25 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
+@pytest.fixture(scope="module")
+def dashboard_allowed(server: Server) -> Iterator[None]:
+    """On Apache CouchDB >= 3.2 the page's script runs only after `after setup
+    --dashboard` (tested below); the browser tests set the same policy through the
+    same function, and put the server's own policy back afterwards."""
+    if is_pouchdb_server(server):
+        yield
+        return
+    before = allow_dashboard(server)
+    try:
+        yield
+    finally:
+        restore_attachment_policies(server, before)
+
+
 @pytest.fixture
-def page(browser: Any, request: pytest.FixtureRequest, db: Database) -> Iterator[Any]:
+def page(
+    browser: Any, request: pytest.FixtureRequest, db: Database, dashboard_allowed: None
+) -> Iterator[Any]:
     """A fresh browser context; the page's errors fail the test; a screenshot at the end
     (taken before the test database goes away)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -206,10 +230,34 @@ def credentials(couch_url: str) -> tuple[str, str | None, str | None]:
     return split_credentials(couch_url)
 
 
-def open_dashboard(page: Any, couch_url: str, db: Database) -> None:
-    """Open the dashboard of `db`; on a server with credentials, log in through its form."""
+def log_in_as_fauxton_would(page: Any, couch_url: str, index: str) -> bool:
+    """A database only members may read (Apache CouchDB's default) does not serve the
+    page to a browser without a session: CouchDB redirects it to Fauxton's login,
+    /_utils/session.html, which logs in through `_session` and comes back. This
+    build has no Fauxton, so the session is opened as that page opens it. True if
+    a session was needed."""
     url, user, password = credentials(couch_url)
-    response = page.goto(f"{url}{db.name}/_design/after/index.html")
+    anonymous = requests.get(index, headers={"Accept": "text/html"}, allow_redirects=False)
+    if anonymous.status_code == 200 or not user:
+        return False
+    assert anonymous.status_code == 302, (anonymous.status_code, anonymous.text)
+    path = index.removeprefix(url.rstrip("/"))
+    assert anonymous.headers["Location"].endswith(
+        f"/_utils/session.html?return={requests.utils.quote(path, safe='')}"
+        "&reason=You%20are%20not%20authorized%20to%20access%20this%20db."
+    ), anonymous.headers["Location"]
+    answer = page.request.post(f"{url}_session", form={"name": user, "password": password})
+    assert answer.ok, answer.text()
+    return True
+
+
+def open_dashboard(page: Any, couch_url: str, db: Database) -> None:
+    """Open the dashboard of `db`; on a server with credentials, log in through its form,
+    or, where the page itself needs a session, as Fauxton's login would."""
+    url, user, password = credentials(couch_url)
+    index = f"{url}{db.name}/_design/after/index.html"
+    logged_in = log_in_as_fauxton_would(page, couch_url, index)
+    response = page.goto(index)
     policy = response.headers.get("content-security-policy", "") if response else ""
     if "sandbox" in policy and "allow-scripts" not in policy:
         pytest.fail(
@@ -218,7 +266,9 @@ def open_dashboard(page: Any, couch_url: str, db: Database) -> None:
             "admin must set [csp] attachments_enable = false"
         )
     expect(page.locator("#script-blocked")).to_be_hidden()
-    if user:
+    if logged_in:
+        expect(page.locator("#who")).to_contain_text(f"Logged in as {user}")
+    elif user:
         log_in(page, user, password or "")
     expect(page.locator("#main")).to_be_visible()
     expect(page.locator("#live")).to_have_attribute("data-state", "live")
@@ -526,12 +576,60 @@ def with_policy(page: Any, policy: str) -> None:
 def test_a_page_whose_script_is_blocked_says_why(page: Any, couch_url: str, db: Database) -> None:
     """Apache CouchDB >= 3.2 serves attachments with `Content-Security-Policy: sandbox`."""
     with_policy(page, "sandbox")
-    url = credentials(couch_url)[0]
-    page.goto(f"{url}{db.name}/_design/after/index.html")
+    index = f"{credentials(couch_url)[0]}{db.name}/_design/after/index.html"
+    log_in_as_fauxton_would(page, couch_url, index)
+    page.goto(index)
     banner = page.locator("#script-blocked")
     expect(banner).to_be_visible()
-    expect(banner).to_contain_text("[csp] attachments_enable = false")
+    expect(banner).to_contain_text("after setup --dashboard")
     expect(page.locator("#main")).to_be_hidden()
+
+
+def test_after_setup_dashboard_makes_the_page_run_on_a_default_server(
+    browser: Any, couch_url: str, server: Server, db: Database
+) -> None:
+    """Apache CouchDB >= 3.2 as installed: its own `sandbox` header keeps the script from
+    running and the page says what to run; after the command, the dashboard works.
+    PouchDB Server sends no policy: the command says nothing is needed."""
+    url = split_credentials(couch_url)[0]
+    index = f"{url}{db.name}/_design/after/index.html"
+    env = {**os.environ, "AFTER_COUCHDB_URL": couch_url, "AFTER_DB": db.name}
+    before = None if is_pouchdb_server(server) else attachment_policies(server)
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        if before is not None:
+            restore_attachment_policies(server, dict.fromkeys(before))  # CouchDB's default
+            tab = context.new_page()
+            log_in_as_fauxton_would(tab, couch_url, index)
+            answer = tab.goto(index)
+            assert answer is not None and answer.headers["content-security-policy"] == "sandbox"
+            expect(tab.locator("#script-blocked")).to_be_visible()
+            expect(tab.locator("#script-blocked")).to_contain_text("after setup --dashboard")
+            tab.close()
+        result = after_cli(env, "setup", "--dashboard")
+        assert result.returncode == 0, result.stderr
+        if before is None:
+            assert "needs no setting" in result.stdout
+        else:
+            assert f"attachments_header_value = {DASHBOARD_POLICY} (was: " in result.stdout
+            assert "server-wide" in result.stdout
+            assert set(attachment_policies(server).values()) == {DASHBOARD_POLICY}
+        tab = context.new_page()
+        answer = tab.goto(index + "?after-setup")  # not the copy the browser keeps
+        assert answer is not None
+        assert answer.headers.get("content-security-policy") in (None, DASHBOARD_POLICY)
+        expect(tab.locator("#script-blocked")).to_be_hidden()
+        user, password = split_credentials(couch_url)[1:]
+        if before is not None:  # logged in above
+            expect(tab.locator("#who")).to_contain_text(f"Logged in as {user}")
+        elif user:
+            log_in(tab, user, password or "")
+        expect(tab.locator("#main")).to_be_visible()
+    finally:
+        context.close()
+        if before is not None:
+            restore_attachment_policies(server, before)
 
 
 def test_the_dashboard_works_under_a_strict_content_security_policy(
