@@ -19,7 +19,7 @@ import requests
 
 from after import embedded
 from after.config import split_credentials
-from after.couch import Database, Server
+from after.couch import CouchError, Database, Server
 from after.push import push
 from bench.profile import ENV_DIR, PRELOAD, ServerProfiler
 
@@ -85,12 +85,21 @@ class Bench:
         self.server_version = welcome.get("version", "?")
         self.server_welcome = {k: v for k, v in welcome.items() if isinstance(v, str)}
         if "couchdb" in welcome:
-            self.server_kind = f"Apache CouchDB {self.server_version}"
+            self.server_kind = f"Apache CouchDB {self.server_version}{self._js_engine()}"
         elif "express-pouchdb" in welcome and self.process is None:
             self.server_kind = f"PouchDB Server {self.server_version} (given URL)"
         elif self.process is not None:
             self.server_kind = f"PouchDB Server {embedded.PINNED_VERSION} (embedded)"
         self.databases: list[Database] = []
+
+    def _js_engine(self) -> str:
+        """`, JavaScript engine <name>` from the node's config (needs an admin), or ''.
+        Design functions cost differently on QuickJS and SpiderMonkey."""
+        try:
+            engine = self.server.json("GET", "_node/_local/_config/couchdb/js_engine")
+        except CouchError:
+            return ""
+        return f", JavaScript engine {engine}"
 
     # -- databases ------------------------------------------------------------------------
     def fresh_db(self, label: str, design: bool = True) -> Database:
