@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from after.couch import storable_text
 from after.push import load_rules
+
+if TYPE_CHECKING:
+    from after.runs import Policy
 
 Doc = dict[str, Any]
 
@@ -39,6 +44,26 @@ class Local(Enum):
     HELD = "held"  # claimed (scheduled) and in the timer
     COMMITTED = "committed"  # `running` written, waiting for the due instant
     RUNNING = "running"  # the job is executing
+
+
+@dataclass
+class TaskState:
+    """What this instance knows and does about one task (the worker's, per task id)."""
+
+    doc: Doc
+    local: Local = Local.NONE
+    writing: bool = False  # a write is in flight: decide again when it returns
+    newer: Doc | None = None  # a version seen while writing
+    cancel_requested: bool = False
+    policy: Policy | None = None  # the scheduling fields, parsed when it is held
+    invalid: str | None = None  # why the fields cannot be scheduled: the run fails with it
+    ends_without_run: dict[str, Any] | None = None  # a repeat whose series ended while down
+    process: subprocess.Popen | None = None  # a job run in a child process (with a timeout)
+    run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
+    spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
+    resolving: bool = False  # held only to resolve a conflict of a run that had ended
+    # A conflict's losing revisions, deleted once the winner recording them has landed.
+    losers: list[Doc] = field(default_factory=list)
 
 
 class Step(Enum):
@@ -332,3 +357,15 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
 def rev_number(rev: str | None) -> int:
     """The generation of a revision ("3-abc" -> 3); 0 for none."""
     return int(rev.split("-", 1)[0]) if rev else 0
+
+
+def is_newer(doc: Doc, than: Doc) -> bool:
+    return rev_number(doc["_rev"]) > rev_number(than["_rev"])
+
+
+def is_news(doc: Doc, than: Doc) -> bool:
+    """A later version, or a conflicted one of the same generation (a replica's write
+    that won over ours, or ours with a replica's beside it): to be acted on."""
+    if doc.get("_conflicts"):
+        return rev_number(doc["_rev"]) >= rev_number(than["_rev"])
+    return is_newer(doc, than)

@@ -121,6 +121,15 @@ def start_worker(config: Config) -> Iterator[Callable[..., Worker]]:
         thread.join(15)
 
 
+FAST = {"heartbeat": 0.3, "lease": 1.5}
+
+
+@pytest.fixture
+def start_fast(start_worker: Callable[..., Worker]) -> Callable[..., Worker]:
+    """In-process workers with short heartbeats and leases, so takeovers come quickly."""
+    return lambda *args, **options: start_worker(*args, **{**FAST, **options})
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
     """Poll until condition() is truthy and return its value; fail after timeout."""
     deadline = time.monotonic() + timeout
@@ -167,3 +176,38 @@ def replicator_user(*admins: Server) -> Iterator[tuple[str, str]]:
 def with_credentials(url: str, user: str, password: str) -> str:
     """`url` (without credentials) with these in it."""
     return url.replace("://", f"://{user}:{password}@", 1)
+
+
+@pytest.fixture
+def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Worker processes through the real CLI, killed at the end."""
+    processes: list[subprocess.Popen] = []
+
+    def spawn_worker(
+        name: str = "manobi", jobs: Path | None = None, home: str = "a", *options: str
+    ) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            "AFTER_COUCHDB_URL": config.couchdb_url,
+            "AFTER_DB": config.db,
+            "AFTER_HOME": str(tmp_path / home),
+        }
+        if config.user:
+            env.update(AFTER_COUCHDB_USER=config.user, AFTER_COUCHDB_PASSWORD=config.password or "")
+        jobs_dir = str(jobs or REPO / "jobs")
+        command = [sys.executable, "-m", "after", "start", name, "--foreground", "--jobs", jobs_dir]
+        command += ["--heartbeat", "0.3", "--lease", "1.5", *options]
+        log = tmp_path / f"{home}.log"
+        with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the worker
+            process = subprocess.Popen(command, env=env, stderr=output, cwd=REPO)
+        processes.append(process)
+        state = tmp_path / home / "workers" / f"{name}.json"
+        wait_for(lambda: state.exists() or process.poll() is not None, timeout=20)
+        assert process.poll() is None, log.read_text()
+        return process
+
+    yield spawn_worker
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)

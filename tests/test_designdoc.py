@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,6 +157,17 @@ def test_the_table_says_what_the_design_says() -> None:
     assert INITIAL == "waiting"
     assert set(FINAL) == {"done", "canceled"}
     assert set(DELETABLE) == {"done", "canceled", "err"}
+
+
+def test_the_architecture_picture_draws_the_table() -> None:
+    """docs/architecture.md draws the moves; the picture must not drift from the table."""
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    diagram = text.split("stateDiagram-v2", 1)[1].split("```", 1)[0]
+    drawn = set(re.findall(r"^\s*(\w+) --> (\w+) : (\w+)", diagram, re.MULTILINE))
+    table = {(s, t, role) for s, targets in TRANSITIONS.items() for t, role in targets.items()}
+    assert drawn == table
+    ends = set(re.findall(r"^\s*(\w+) --> \[\*\]", diagram, re.MULTILINE))
+    assert ends == set(FINAL)
 
 
 @pytest.mark.parametrize("status", STATUSES)

@@ -265,7 +265,7 @@ def test_a_task_the_worker_cannot_write_back_is_left_as_it_is_and_tried_once(
     worker = start_worker(jobs=bad_jobs, horizon=2.0)  # sweeps the horizon every 0.5 s
     neighbour = db.post(new_task(job={"name": "ok", "arguments": [1]}))[0]
     assert wait_status(db, neighbour, "done")["result"] == 1
-    wait_for(lambda: worker.unstorable.get(task_id))
+    wait_for(lambda: worker.writes.unstorable.get(task_id))
     time.sleep(1.5)  # three sweeps: it is not tried again
     refusals = [r for r in caplog.records if "refuses to store it" in r.getMessage()]
     assert len(refusals) == 1 and task_id in refusals[0].getMessage()

@@ -7,12 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import REPO, new_task, wait_for
 
 from after.config import Config
 from after.couch import Database
-from after.push import deployed_rules, lib_module, load_rules
 from after.tasks import iso, parse_date
 from after.worker import Worker
 
@@ -238,80 +236,3 @@ def test_stop_hands_held_tasks_back(
     worker.stop()
     doc = wait_status(db, task_id, "waiting")
     assert "owner" not in doc
-
-
-# -- claiming and committing in one write ----------------------------------------------
-
-
-def statuses_of_every_revision(db: Database, task_id: str) -> list[str]:
-    """The status of each revision of the task, oldest first."""
-    history = db.get(task_id, revs=True)["_revisions"]
-    revs = [f"{history['start'] - i}-{rev}" for i, rev in enumerate(history["ids"])]
-    return [doc["status"] for doc in db.revisions(task_id, list(reversed(revs)))]
-
-
-def test_a_task_due_now_is_claimed_and_committed_in_one_write(
-    db: Database, start_worker: StartWorker
-) -> None:
-    start_worker()
-    task_id = create(db, date=in_seconds(0))
-    doc = wait_status(db, task_id, "done")
-    assert statuses_of_every_revision(db, task_id) == ["waiting", "running", "done"]
-    assert doc["owner"].startswith("manobi@") and doc["claimed_at"] and doc["attempt"] == 1
-
-
-def test_a_task_due_later_is_claimed_first_and_committed_shortly_before_its_date(
-    db: Database, start_worker: StartWorker
-) -> None:
-    """Held as `scheduled` meanwhile: a cancel or a peer can still take it from there."""
-    start_worker()
-    task_id = create(db, date=in_seconds(1.5))
-    wait_status(db, task_id, "done")
-    assert statuses_of_every_revision(db, task_id) == ["waiting", "scheduled", "running", "done"]
-
-
-def push_rules_without_claim_commits(db: Database) -> None:
-    """Deploy the design doc as an older After pushed it: a claim cannot commit a run."""
-    design = db.get("_design/after")
-    rules = deployed_rules(design)
-    del rules["transitions"]["waiting"]["running"]
-    design["lib"]["rules"] = lib_module(rules)
-    db.put(design)
-    assert "running" not in deployed_rules(db.get("_design/after"))["transitions"]["waiting"]
-
-
-def test_under_an_older_design_doc_a_claim_and_its_commit_are_two_writes(
-    db: Database, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
-) -> None:
-    push_rules_without_claim_commits(db)
-    with caplog.at_level("WARNING", logger="after.worker"):
-        start_worker()
-    assert "is older than this worker" in caplog.text and "after push" in caplog.text
-    task_id = create(db, date=in_seconds(0))
-    wait_status(db, task_id, "done")
-    assert statuses_of_every_revision(db, task_id) == ["waiting", "scheduled", "running", "done"]
-
-
-def test_a_claim_that_commits_refused_by_an_older_design_doc_is_made_in_two_writes(
-    db: Database, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The older design doc was pushed while the worker ran: the task is not lost."""
-    start_worker()
-    push_rules_without_claim_commits(db)
-    with caplog.at_level("WARNING", logger="after.worker"):
-        task_id = create(db, date=in_seconds(0))
-        wait_status(db, task_id, "done")
-    assert statuses_of_every_revision(db, task_id) == ["waiting", "scheduled", "running", "done"]
-    assert "is older than this worker" in caplog.text
-
-
-@pytest.mark.parametrize(
-    "design",
-    [{}, {"lib": {}}, {"lib": {"rules": "module.exports = {;"}}, {"lib": {"rules": 42}}],
-)
-def test_a_design_doc_without_readable_rules_has_no_known_rules(design: dict) -> None:
-    assert deployed_rules(design) == {}
-
-
-def test_the_deployed_rules_are_read_back_as_pushed(db: Database) -> None:
-    assert deployed_rules(db.get("_design/after")) == load_rules()

@@ -1,0 +1,272 @@
+"""Membership: the instances of one worker name, and who of them claims a task first.
+
+Each instance keeps a worker record (after.records) and renews the lease in it on
+a heartbeat, on a thread and an HTTP session of its own, so a lease is renewed
+on time whatever the other threads wait for. It reads its peers' records to tell
+the live from the dead (a peer is dead when its lease ran out and its record
+stayed unchanged for a whole lease while we could see it), takes over what a
+dead peer held, and learns of peers that start or stop from their records on the
+changes feed. Of the live instances, each task has one that claims it at once
+(rendezvous hashing); the others wait before claiming it (after.claiming).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from after import records, tasks
+from after.couch import Conflict, Forbidden, Server
+from after.feed import NEWS_BACKLOG
+from after.tasks import Doc, Local
+
+if TYPE_CHECKING:
+    from after.worker import Worker
+
+log = logging.getLogger("after.worker")
+
+CLOCK_CHECK_EVERY = 60.0  # seconds between comparisons with the server's clock
+CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
+# Seconds before claiming a task another live instance should claim (when it has
+# room), and before claiming one anyway when no instance had room for it.
+CLAIM_FALLBACK = 1.0
+
+
+class Membership:
+    """This instance's record and lease, its peers' leases, and the claim order."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.record: Doc = records.new_record(worker.name, worker.instance, tasks.now())
+        # The other instances of this name, as last read: instance -> alive.
+        self.leases: dict[str, bool] = {}
+        # When each peer's record was last seen to change: instance -> ((rev, last_seen), t).
+        self.peer_seen: dict[str, tuple[tuple[Any, Any], float]] = {}
+        self.unknown_since: dict[str, float] = {}  # owners with no record: since when
+        # The lease is renewed through its own HTTP session, on its own thread.
+        self.lease_server = Server.from_config(worker.config)
+        self.claim_order: list[str] = [worker.instance]  # live instances of this name, sorted
+        self.first_claimers: dict[str, str] = {}  # task id -> its first claimer, for claim_order
+        self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
+        self.peers_wanted = threading.Event()
+        # When the feed last brought a task written by each other instance (monotonic):
+        # an instance still working through its claims is not to be raced for them.
+        self.peer_active: dict[str, float] = {}
+
+    # -- our record and lease (the lease thread) ------------------------------------------
+    def put_record(self, record: Doc) -> None:
+        records_db = self.lease_server.database(self.worker.db.name)
+        try:
+            records_db.put(record)
+        except Conflict:
+            # Someone else wrote our record (a peer marked it lost while we could
+            # not renew it): keep their revision, write ours over it.
+            current = records_db.get(record["_id"])
+            if current is not None:
+                if current.get("reaped_by"):
+                    log.warning("this instance was presumed lost by %s", current["reaped_by"])
+                record["_rev"] = current["_rev"]
+            records_db.put(record)
+        self.record = record
+
+    def renew_record(self) -> None:
+        worker = self.worker
+        self.put_record(records.renewed(self.record, tasks.now(), worker.lease, worker.counts()))
+
+    def renew(self) -> None:
+        """Its own thread and HTTP session: a lease is renewed on time whatever the
+        other threads wait for (a view being built, a slow takeover)."""
+        worker = self.worker
+        next_clock_check = time.monotonic()
+        backoff = 0.5
+        while not worker.finished.is_set():
+            try:
+                self.renew_record()
+                if time.monotonic() >= next_clock_check:
+                    self.check_clock()
+                    next_clock_check = time.monotonic() + CLOCK_CHECK_EVERY
+                backoff, wait = 0.5, worker.heartbeat
+            except Exception as exc:
+                log.warning("lease not renewed (%s); retrying in %.1fs", exc, backoff)
+                wait, backoff = backoff, min(backoff * 2, worker.heartbeat)
+            worker.finished.wait(wait)
+
+    def check_clock(self) -> None:
+        """Leases compare one instance's clock with another's: warn when ours is off."""
+        skew = self.worker.server.clock_skew()
+        if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
+            log.warning(
+                "this machine's clock is %.1f s %s the CouchDB server's; leases (%s s) and "
+                "due times depend on clocks that agree: sync it (NTP)",
+                abs(skew),
+                "behind" if skew > 0 else "ahead of",
+                self.worker.lease.total_seconds(),
+            )
+
+    # -- the peers (the housekeeping thread reads, the control thread applies) ------------------
+    def read_leases(self) -> tuple[dict[str, bool], list[Doc]]:
+        """Which other instances of this name are alive, and the records to take over.
+
+        An instance is dead when its lease had run out when read AND its record
+        has not changed for a whole lease while this instance could see it: after
+        an outage that hid everyone's renewals, peers get a full lease to renew.
+        """
+        worker = self.worker
+        now, seen_at = tasks.now(), time.monotonic()
+        alive: dict[str, bool] = {}
+        expired: list[Doc] = []
+        rows = worker.db.all_docs(include_docs=True, **records.name_range(worker.name))
+        for row in rows["rows"]:
+            record = row.get("doc")
+            if not record or record.get("instance") == worker.instance:
+                continue
+            instance = record["instance"]
+            stamp = (record.get("_rev"), record.get("last_seen"))
+            if self.peer_seen.get(instance, (None, 0.0))[0] != stamp:
+                self.peer_seen[instance] = (stamp, seen_at)
+            unchanged_for = seen_at - self.peer_seen[instance][1]
+            dead = not records.is_live(record, now) and (
+                record.get("state") != "running" or unchanged_for >= worker.lease.total_seconds()
+            )
+            alive[instance] = not dead
+            if dead and records.needs_takeover(record, now):
+                expired.append(record)
+            elif records.can_be_deleted(record, now):
+                worker.db.bulk_docs(
+                    [{"_id": record["_id"], "_rev": record["_rev"], "_deleted": True}]
+                )
+        return alive, expired
+
+    def set_leases(self, alive: dict[str, bool]) -> None:
+        """Which peers are alive, as judged when their records were read (the control
+        thread may apply this late; the judgement does not age with it)."""
+        self.leases = alive
+        order = sorted([self.worker.instance, *(o for o, live in alive.items() if live)])
+        if order != self.claim_order:
+            self.claim_order = order
+            self.first_claimers.clear()
+
+    def owner_alive(self, owner: str) -> bool:
+        return self.leases.get(owner, False)
+
+    def peer_record_seen(self, record: Doc) -> None:
+        """A peer's record on the feed: one that starts (or renews) joins the claim
+        sharing at once, one that stopped leaves it. Judging a peer dead stays with
+        the lease readings, which watch its record for a whole lease."""
+        instance = record.get("instance")
+        if not isinstance(instance, str) or instance == self.worker.instance:
+            return
+        live = record.get("state", "running") == "running" and records.is_live(record, tasks.now())
+        if live and not self.leases.get(instance):
+            self.set_leases({**self.leases, instance: True})
+        elif not live and record.get("state") in ("stopped", "lost") and instance in self.leases:
+            self.set_leases({**self.leases, instance: False})
+
+    def leases_read(self, leases: dict[str, bool]) -> None:
+        """On the control thread: new leases; decide on tasks that waited for them."""
+        worker = self.worker
+        self.set_leases(leases)
+        waiting, self.awaiting_peers = self.awaiting_peers, set()
+        for task_id in waiting:
+            state = worker.states.get(task_id)
+            if state is None or state.writing:
+                continue
+            owner = state.doc.get("owner")
+            if owner not in self.leases:
+                # No record: a dead instance's, deleted, or one not replicated here
+                # yet. It counts as dead once it has stayed unknown for a whole lease.
+                first = self.unknown_since.setdefault(owner, time.monotonic())
+                if time.monotonic() - first < worker.lease.total_seconds():
+                    self.awaiting_peers.add(task_id)  # again at the next reading
+                    continue
+                self.leases[owner] = False
+            worker.decide(task_id, state)
+
+    def await_owner(self, task_id: str, doc: Doc, local: Local) -> bool:
+        """Whether the task is held by an instance we have not heard of (it may have just
+        started): then the records are read again before deciding whether it is alive."""
+        owner = doc.get("owner")
+        if (
+            doc.get("status") in ("scheduled", "running")
+            and owner not in (None, self.worker.instance)
+            and owner not in self.leases
+            and local is Local.NONE
+        ):
+            self.awaiting_peers.add(task_id)
+            self.peers_wanted.set()
+            return True
+        return False
+
+    def take_over(self, record: Doc) -> None:
+        """An instance of our name stopped renewing its lease: take over what it held."""
+        worker = self.worker
+        owner = record["instance"]
+        log.warning("instance %s stopped renewing its lease; taking over its tasks", owner)
+        worker.control.put(lambda: self.leases.__setitem__(owner, False))
+        for status in ("scheduled", "running"):
+            for doc in worker.feed.tasks_in(status, {}):
+                if doc.get("owner") == owner:
+                    worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))
+        for _ in range(3):
+            try:
+                worker.db.put(records.reaped(record, worker.instance, tasks.now()))
+                return
+            except (Conflict, Forbidden):  # PouchDB Server answers a stale write with 403
+                latest = worker.db.get(record["_id"])
+                if latest is None or not records.needs_takeover(latest, tasks.now()):
+                    return  # reaped by another instance, or it came back: both are fine
+                record = latest
+
+    # -- who claims first ------------------------------------------------------------------
+    def first_claimer(self, task_id: str) -> str:
+        """The live instance that claims this task at once. Rendezvous hashing: each
+        instance scores the task, the highest score wins, so when an instance joins
+        or leaves only its own share moves (the peers agree on the rest meanwhile)."""
+        order = self.claim_order
+        if len(order) < 2:
+            return order[0]
+        first = self.first_claimers.get(task_id)
+        if first is None:  # asked again at every fallback while a peer works through a burst
+            # A real hash: a CRC is linear, and its scores would split the tasks unevenly.
+            first = self.first_claimers[task_id] = max(
+                order,
+                key=lambda instance: hashlib.blake2b(
+                    f"{instance}\0{task_id}".encode(), digest_size=8
+                ).digest(),
+            )
+        return first
+
+    def claims_first(self, task_id: str) -> bool:
+        """Instances of one name share the claiming: each task has one live instance
+        that claims it at once, so they do not all race for every task."""
+        return self.first_claimer(task_id) == self.worker.instance
+
+    def note_peer_write(self, doc: Doc) -> None:
+        """A task another instance wrote, from the feed: that instance is at work."""
+        owner = doc.get("owner")
+        if owner is not None and owner != self.worker.instance:
+            self.peer_active[owner] = time.monotonic()
+
+    def first_claimer_may_be_at_work(self, task_id: str) -> bool:
+        """Is the task another instance's to claim first, and may that instance be
+        claiming it now: it wrote tasks within the last CLAIM_FALLBACK seconds, or
+        our news (feed, control queue) is too late to tell?"""
+        first = self.first_claimer(task_id)
+        if first == self.worker.instance:
+            return False
+        if time.monotonic() - self.peer_active.get(first, -math.inf) < CLAIM_FALLBACK:
+            return True
+        # While we ourselves have many writes in flight, it is a burst: peers have theirs.
+        feed = self.worker.feed
+        return (
+            feed.busy()
+            or feed.news_late(by=CLAIM_FALLBACK / 2)
+            or self.worker.control.qsize() > NEWS_BACKLOG
+        )
+
+    def forget(self, task_id: str) -> None:
+        self.first_claimers.pop(task_id, None)

@@ -1,0 +1,347 @@
+"""Running: a claimed task from the timer to its outcome.
+
+A claimed task is held in the timer (after.scheduler) for its date. Shortly
+before it, the run is committed (`running` written), only when a pool slot will
+be free for it: `running` means the job is about to start. A moment before the
+instant, the timer hands the run to a pool thread, which starts the job at the
+exact instant (in the worker's thread pool, or in a child process when the task
+has a timeout). The outcome (`done`, `err`, or `waiting` again for a retry or the
+next occurrence, after.runs) goes out in a write that may share its request with
+others; an outcome CouchDB refuses to store fails the run with the reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from after import runs, tasks
+from after.capacity import ON_TIME
+from after.couch import refused_as_is
+from after.jobs import JobContext, run_job, run_job_in_process, stop_job_process
+from after.scheduler import wait_until
+from after.tasks import Doc, Local, TaskState, is_newer
+
+if TYPE_CHECKING:
+    from after.worker import Worker
+
+log = logging.getLogger("after.worker")
+
+# Seconds before its date that a run is handed to a pool thread, which then waits
+# for the exact instant: the handover's own delay is not in the job's lateness.
+START_EARLY = 0.002
+# How long a write off the critical path (an outcome, a commit made well ahead of its
+# date) may wait for others to share its request. The server's cost is per request,
+# and a server with CPU to spare wakes the worker's threads on time (docs/benchmarks.md).
+SHARE_WINDOW = 0.05
+# Seconds between looks when a run's instant came while a write of the task was in flight.
+WRITE_WAIT = 0.01
+# For a task whose fields could not be parsed: it fails once, with the reason.
+NO_POLICY = runs.Policy(
+    repeat=None, misfire=runs.parse_misfire(None), overlap="skip", retry=None, timeout=None
+)
+
+
+class Runner:
+    """Holding, committing, starting and ending the runs of one instance."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        # Held tasks due (or overdue) whose run waits for a free slot: (date, order, id).
+        self.slot_wait: list[tuple[float, int, str]] = []
+        self._slot_order = 0
+
+    # -- held in the timer ---------------------------------------------------------------
+    def hold(self, task_id: str, state: TaskState) -> None:
+        """The decision's HOLD step: ours, claimed; keep it in the timer for its date
+        (a late repeat is first moved on by its misfire policy)."""
+        worker = self.worker
+        doc = state.doc
+        if worker.stopping.is_set():
+            return worker.writes.write(task_id, tasks.hand_back_update(doc))
+        due = tasks.parse_date(doc["date"])
+        try:
+            state.policy, state.invalid = runs.policy_of(doc), None
+        except ValueError as exc:  # the shape was fine (CouchDB checked it), the meaning not
+            state.policy, state.invalid = None, str(exc)
+            due = tasks.now()  # fail it now rather than at its date
+        if state.policy is not None and due < tasks.now():
+            plan = runs.overdue_plan(doc, state.policy, tasks.now())
+            if plan is not None and plan.next_date is not None:
+                log.info("task %s: late; its misfire policy moves it on", task_id)
+                return worker.writes.write(task_id, runs.moved_update(doc, plan))
+            if plan is not None:  # nothing of the series is left to run
+                state.ends_without_run = runs.skipped_fields(doc, plan)
+        state.local, state.run_at = Local.HELD, due
+        worker.pool.hold(task_id, due.timestamp())
+        worker.timer.schedule(
+            due - self.commit_lead(),
+            lambda: worker.control.put(lambda: self.commit(task_id)),
+            key=task_id,
+        )
+
+    def commit_lead(self) -> timedelta:
+        """How long before its date a run is committed (`running` written): longer
+        when many tasks are held, so a burst's writes are done before it is due."""
+        return self.worker.lead + timedelta(seconds=min(5.0, len(self.worker.timer) / 4000))
+
+    # -- committed -----------------------------------------------------------------------
+    def commit(self, task_id: str) -> None:
+        """Shortly before the due time: write `running` so the start is not delayed by it.
+
+        Only when a pool slot will be free for it: `running` means the job is about
+        to start, and a crash never turns a run that had not begun into "worker
+        lost". Otherwise it waits, still `scheduled`, for a run to end.
+        """
+        worker = self.worker
+        state = worker.states.get(task_id)
+        if (
+            state is None
+            or state.local is not Local.HELD
+            or state.writing
+            or worker.stopping.is_set()
+            or task_id in worker.pool.committing
+        ):
+            return
+        run_at = state.run_at or tasks.parse_date(state.doc["date"])
+        until_run = max((run_at - tasks.now()).total_seconds(), 0.0)
+        if not worker.pool.can_commit(until_run + ON_TIME, time.monotonic()):
+            self._slot_order += 1
+            heapq.heappush(self.slot_wait, (run_at.timestamp(), self._slot_order, task_id))
+            return
+        worker.pool.commit(task_id)
+        # Made ahead of the date, it may wait up to half the time left to share a request.
+        within = min(SHARE_WINDOW, until_run / 2)
+        worker.writes.write(task_id, tasks.running_update(state.doc, worker.instance), within)
+
+    def commit_waiting(self) -> None:
+        """Commit the runs that waited for a slot, oldest date first, while there is room."""
+        pool = self.worker.pool
+        while self.slot_wait and pool.can_commit(ON_TIME, time.monotonic()):
+            _, _, task_id = heapq.heappop(self.slot_wait)
+            self.commit(task_id)
+
+    def committed(self, task_id: str, state: TaskState) -> None:
+        """Our commit landed: hand the run to a pool thread a moment before its instant."""
+        state.local = Local.COMMITTED
+        due = state.run_at or tasks.parse_date(state.doc["date"])
+        start = due - timedelta(seconds=START_EARLY)
+        self.worker.timer.schedule(start, lambda: self.start_now(task_id), key=task_id)
+
+    # -- started -----------------------------------------------------------------------
+    def start_now(self, task_id: str) -> None:
+        """On the timer thread, at the due time: start the job straight away.
+
+        This is the one state change made outside the control thread, so that a
+        start never waits behind the control queue; `start_lock` orders it with
+        the control thread's moves out of COMMITTED (a cancel, a stop).
+        """
+        worker = self.worker
+        with worker.start_lock:
+            state = worker.states.get(task_id)
+            ready = (
+                state is not None
+                and state.local is Local.COMMITTED
+                and not state.writing
+                and not worker.stopping.is_set()
+            )
+            if ready:
+                state.local, state.spawned = Local.RUNNING, []
+                worker.pool.started(task_id, time.monotonic())
+        if not ready:
+            worker.control.put(lambda: self.start(task_id))  # let the control thread decide
+            return
+        worker.executor.submit(self.execute, task_id, state)
+        if state.policy is not None and state.policy.overlap == "allow":
+            occurrence = runs.occurrence_of(state.doc)
+            worker.control.put(lambda: self.plan_overlap(task_id, state, occurrence))
+
+    def start(self, task_id: str) -> None:
+        """At the due time, on the control thread: what `start_now` left to it."""
+        worker = self.worker
+        state = worker.states.get(task_id)
+        if state is not None and state.local is Local.COMMITTED and state.writing:
+            # A write of the task is in flight (a conflict's resolution): look again in
+            # a moment rather than drop the start, which would leave it `running` forever.
+            at = tasks.now() + timedelta(seconds=WRITE_WAIT)
+            worker.timer.schedule(at, lambda: self.start_now(task_id), key=task_id)
+            return
+        if state is None or state.local is not Local.COMMITTED:
+            return
+        if worker.stopping.is_set():
+            state.local = Local.NONE
+            worker.pool.release(task_id)
+            return worker.writes.write(task_id, tasks.hand_back_update(state.doc))
+        state.local, state.spawned = Local.RUNNING, []
+        worker.pool.started(task_id, time.monotonic())
+        worker.executor.submit(self.execute, task_id, state)
+        if state.policy is not None:
+            self.plan_overlap(task_id, state, runs.occurrence_of(state.doc))
+
+    def plan_overlap(self, task_id: str, state: TaskState, after: datetime) -> None:
+        """overlap "allow": when the next occurrence comes while the job still runs,
+        it runs as a task of its own rather than being skipped."""
+        assert state.policy is not None
+        occurrence = runs.next_overlapping(state.doc, state.policy, after, len(state.spawned))
+        if occurrence is not None:
+            control = self.worker.control
+            action = lambda: control.put(lambda: self.spawn(task_id, occurrence))  # noqa: E731
+            self.worker.timer.schedule(occurrence, action, key=("overlap", task_id))
+
+    def spawn(self, task_id: str, occurrence: datetime) -> None:
+        state = self.worker.states.get(task_id)
+        if state is None or state.local is not Local.RUNNING:
+            return
+        child = runs.spawned_task(state.doc, occurrence)
+        log.info(
+            "task %s still runs at its next occurrence: running that one as a new task", task_id
+        )
+        self.worker.writer.write(child, lambda row: self.spawned(task_id, row))
+        state.spawned.append(occurrence)
+        self.plan_overlap(task_id, state, occurrence)
+
+    def spawned(self, task_id: str, row: dict[str, Any]) -> None:
+        if row.get("error"):
+            log.error("task %s: its overlapping occurrence was refused: %s", task_id, row)
+
+    def cancel_running(self, task_id: str, state: TaskState) -> None:
+        """The decision's CANCEL_AFTER_RUN step: a cancel came while the job runs."""
+        state.cancel_requested = True
+        if state.process is not None:  # a job in a child process can really be stopped
+            log.info("task %s: cancel asked while its job runs; stopping the job", task_id)
+            stop_job_process(state.process)
+        else:
+            log.info(
+                "task %s: cancel asked while its job runs in the worker; "
+                "it will be marked canceled when it ends",
+                task_id,
+            )
+
+    def execute(self, task_id: str, state: TaskState) -> None:
+        """On an executor thread: run the job and post its outcome."""
+        worker = self.worker
+        doc, policy = state.doc, state.policy
+        job = doc["job"]
+        context = JobContext(
+            task_id=task_id,
+            attempt=int(doc.get("attempt", 1)),
+            worker=worker.name,
+            idempotency_key=runs.idempotency_key(doc),
+        )
+        if state.run_at is not None:
+            wait_until(state.run_at.timestamp())  # the timer handed it over a moment early
+        began, started = time.monotonic(), tasks.now()
+        try:
+            if state.invalid is not None:
+                raise ValueError(state.invalid)
+            if state.ends_without_run is not None:
+                outcome = {**tasks.outcome_fields(started, started), **state.ends_without_run}
+                outcome["result"] = "the repeat ended while no worker could run it"
+            elif policy is not None and policy.timeout is not None:
+                result = run_job_in_process(
+                    worker.config.jobs.resolve(),
+                    job["name"],
+                    list(job.get("arguments", [])),
+                    context,
+                    policy.timeout.total_seconds(),
+                    started=lambda process: setattr(state, "process", process),
+                )
+                outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+            else:
+                fn = worker.jobs.load(job["name"])
+                result = run_job(fn, list(job.get("arguments", [])), context)
+                outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+        except BaseException as exc:  # a job's failure is the task's, never the worker's
+            outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
+            if not isinstance(exc, Exception):
+                log.warning("task %s: job %s raised %s", task_id, job["name"], type(exc).__name__)
+        worker.pool.ended(task_id, time.monotonic(), began=began)
+        worker.control.put(lambda: self.finished(task_id, outcome))
+
+    # -- ended ---------------------------------------------------------------------------
+    def finished(self, task_id: str, outcome: dict[str, Any]) -> None:
+        self.commit_waiting()  # a slot is free
+        worker = self.worker
+        state = worker.states.get(task_id)
+        if state is None:
+            return
+        state.local = Local.NONE
+        state.process = None
+        worker.timer.cancel(("overlap", task_id))
+        if state.cancel_requested and outcome.get("error"):
+            outcome["error"]["message"] = "canceled while running: " + outcome["error"]["message"]
+        if state.writing:  # cannot happen in practice; keep the outcome for the next version
+            state.newer = state.newer or state.doc
+        self.write_outcome(task_id, state, outcome)
+
+    def lost(self, task_id: str, state: TaskState) -> None:
+        """The decision's LOST step: its run was interrupted by a dead instance."""
+        doc = state.doc
+        log.warning(
+            "task %s was running under %s, whose lease ran out: its run failed (worker lost)",
+            task_id,
+            doc.get("owner"),
+        )
+        try:
+            policy = runs.policy_of(doc)
+        except ValueError:
+            policy = NO_POLICY
+        now = tasks.now()
+        lost = runs.after_run_update(
+            tasks.taken_over(doc, now), policy, tasks.lost_outcome(doc, now), now
+        )
+        self.worker.writes.write(task_id, lost)  # err, or waiting for its retry or next occurrence
+
+    def write_outcome(self, task_id: str, state: TaskState, outcome: dict[str, Any]) -> None:
+        worker = self.worker
+        policy = state.policy or NO_POLICY
+        doc = runs.after_run_update(state.doc, policy, outcome, tasks.now(), spawned=state.spawned)
+        worker.writes.send(
+            task_id, doc, lambda row: self.outcome_written(task_id, doc, outcome, row), SHARE_WINDOW
+        )
+
+    def outcome_written(
+        self, task_id: str, doc: Doc, outcome: dict[str, Any], row: dict[str, Any]
+    ) -> None:
+        worker = self.worker
+        if (answer := worker.writes.answer(task_id, row)) is None:
+            return
+        state, newer = answer
+        refused_before = (outcome.get("error") or {}).get("type") == tasks.REFUSED_OUTCOME
+        if refused_as_is(row) and not refused_before and not (newer and is_newer(newer, doc)):
+            # The outcome cannot be stored (too large, not valid JSON): the run fails
+            # with what CouchDB refused, so the task does not stay `running` for good.
+            log.error(
+                "task %s: CouchDB refused its outcome (%s: %s); the run fails with that",
+                task_id,
+                row.get("error"),
+                row.get("reason"),
+            )
+            return self.write_outcome(task_id, state, tasks.refused_outcome(outcome, row))
+        if refused_as_is(row) and not (newer and is_newer(newer, doc)):
+            worker.writes.leave(task_id, state, row)  # even the failure: too large
+            return worker.maybe_finish_stop()
+        if not row.get("error"):
+            state.doc = {**doc, "_rev": row["rev"]}
+            worker.writes.after_write(task_id, state)  # final: forgotten; a retry: claimed
+            if newer and newer.get("_conflicts") and tasks.is_news(newer, state.doc):
+                # A replica's write landed beside ours meanwhile: the conflict is still
+                # to be resolved, though the run has ended (no later news may come).
+                worker.seen(newer, fresh=True)
+        elif (latest := worker.writes.changed_since(task_id, doc, newer, row)) is not None:
+            state.doc = latest
+            if latest.get("status") in ("running", "cancel"):
+                # Changed while the job ran (a cancel): record the outcome on the newest version.
+                return self.write_outcome(task_id, state, outcome)
+            if latest.get("_conflicts"):
+                # Ended by a replica's write, beside ours (a duplicate run): resolving the
+                # conflict records ours on the task; forgetting it would leave both.
+                state.resolving = True
+                return worker.act_on(task_id, state)
+            worker.forget(task_id)
+        else:
+            worker.forget(task_id)
+        worker.maybe_finish_stop()

@@ -1,0 +1,271 @@
+"""Conflicts between replicas: resolved by the first claimer, every losing revision recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import new_task, replicator_user, wait_for, with_credentials
+from test_worker import in_seconds, wait_status
+
+from after.config import Config, split_credentials
+from after.couch import Database, Server
+from after.push import push
+from after.security import is_pouchdb_server, security_object
+from after.worker import TaskState, Worker
+
+
+def test_conflicting_claims_are_resolved_and_recorded(
+    server: Server, db_name: str, config: Config, start_fast
+) -> None:
+    """As after a partition: two instances' claims both landed, as conflicting revisions.
+
+    The conflict is made (by a replication-style write, new_edits=false) before the
+    design document is deployed, because PouchDB Server drops such writes once a
+    validate_doc_update exists; Apache CouchDB accepts them.
+    """
+    db = server.database(db_name + "-conflict")
+    db.create()
+    try:
+        task_id, _ = db.post(new_task(date=in_seconds(1)))
+        original = db.get(task_id)
+        db.put({**original, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"})
+        generation, parent = original["_rev"].split("-")
+        other = {
+            **original,
+            "_rev": f"{int(generation) + 1}-{'f' * 32}",
+            "_revisions": {"start": int(generation) + 1, "ids": ["f" * 32, parent]},
+            "status": "scheduled",
+            "owner": "manobi@node-b:1:bbbb",
+        }
+        db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [other], "new_edits": False})
+        assert db.get(task_id, conflicts=True).get("_conflicts"), "the test needs a real conflict"
+        push(db)
+        start_fast(config_=config.override(db=db.name))
+        doc = wait_status(db, task_id, "done", timeout=20)
+        assert len(doc["conflicts_resolved"]) == 1
+        loser = doc["conflicts_resolved"][0]
+        assert loser["owner"] in {"manobi@node-a:1:aaaa", "manobi@node-b:1:bbbb"}
+        assert loser["status"] == "scheduled"
+        assert not db.get(task_id, conflicts=True).get("_conflicts")
+    finally:
+        db.delete()
+
+
+def test_a_runs_end_that_lost_the_conflict_to_its_running_is_kept(
+    server: Server, db_name: str, config: Config, start_fast
+) -> None:
+    """Between replicas, an instance's `done` can become the losing revision beside a
+    `running` of the same run (the other side recorded a resolution on it meanwhile).
+    The worker resolving it keeps the run's end, not `running` under an instance that
+    has finished: that would end as "worker lost" although the job ran to its end.
+    (Conflict made before the design doc is deployed: see the test above.)"""
+    db = server.database(db_name + "-ended")
+    db.create()
+    try:
+        runner = "manobi@node-a:1:aaaa"
+        task_id, _ = db.post(new_task(date=in_seconds(-5)))
+        original = db.get(task_id)
+        running = {**original, "status": "running", "owner": runner, "attempt": 1}
+        running_rev = db.put(running)
+        generation, parent = original["_rev"].split("-")
+        done = {
+            **running,
+            "_rev": f"{int(generation) + 1}-{'0' * 32}",  # loses to `running` (higher id)
+            "_revisions": {"start": int(generation) + 1, "ids": ["0" * 32, parent]},
+            "status": "done",
+            "result": "the job's own result",
+            "started_at": running["date"],
+            "ended_at": running["date"],
+        }
+        db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [done], "new_edits": False})
+        conflicted = db.get(task_id, conflicts=True)
+        assert conflicted["_rev"] == running_rev and conflicted["_conflicts"] == [done["_rev"]]
+        push(db)
+        start_fast(config_=config.override(db=db.name))
+        wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=20)
+        final = db.get(task_id)
+        assert final["status"] == "done" and final["result"] == "the job's own result", final
+        assert final["owner"] == runner
+        assert final["conflicts_resolved"] == [
+            {"rev": done["_rev"], "status": "done", "owner": runner, "attempt": 1}
+        ]
+    finally:
+        db.delete()
+
+
+def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
+    couch_url: str, server: Server, db: Database, start_fast
+) -> None:
+    """The other replica resolved the conflict first: its winner, done, already records
+    the losing revision, and both arrive by replication. Writing that record again would
+    be refused (a done task cannot change): the worker only deletes the loser."""
+    source = server.database(db.name + "-replica")  # no design document: any write goes
+    source.create()
+    try:
+        start_fast()
+        task_id, _ = source.post(new_task(date=in_seconds(-5)))
+        original = source.get(task_id)
+        loser = source.put({**original, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"})
+        generation, parent = original["_rev"].split("-")
+        record = {"rev": loser, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"}
+        winner = {
+            **original,
+            "_rev": f"{int(generation) + 1}-{'f' * 32}",
+            "_revisions": {"start": int(generation) + 1, "ids": ["f" * 32, parent]},
+            "status": "done",
+            "owner": "manobi@node-b:1:bbbb",
+            "conflicts_resolved": [{**record, "attempt": None}],
+        }
+        body = {"docs": [winner], "new_edits": False}
+        source.server.json("POST", f"{source.path}/_bulk_docs", body=body)
+        assert source.get(task_id, conflicts=True).get("_conflicts") == [loser]
+        # PouchDB Server's validation wrapper drops replicated revisions sent over HTTP, so
+        # its target is the local name; Apache CouchDB 3 takes URLs only, and validates
+        # what it replicates: as a user with the replicator role (the task arrives done).
+        # See test_resilience.replicate_both_ways and couchdb_replicas.
+        bare = split_credentials(couch_url)[0]
+        with replicator_user(server) as replicator:
+            if is_pouchdb_server(server):
+                ends = {"source": bare + source.name, "target": db.name}
+            else:
+                for end in (source, db):
+                    end.set_security(security_object())  # admits the replicator role
+                as_replicator = with_credentials(bare, *replicator)
+                ends = {"source": as_replicator + source.name, "target": as_replicator + db.name}
+            replicated = server.json("POST", "_replicate", body=ends)
+        assert replicated.get("ok") and not replicated.get("doc_write_failures"), replicated
+        wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=20)
+        doc = db.get(task_id)
+        assert doc["_rev"] == winner["_rev"] and doc["status"] == "done"
+        assert doc["conflicts_resolved"] == winner["conflicts_resolved"]
+    finally:
+        source.delete()
+
+
+@pytest.mark.parametrize("seen_by", ["the feed", "the recheck"])
+def test_a_conflict_resolved_by_the_other_replica_is_then_decided_on(
+    config: Config, db: Database, seen_by: str
+) -> None:
+    """An instance left a conflicted task to the first claimer (on the other replica);
+    that one kept a winner saying `running` under this instance and deleted the losing
+    revision, this instance's own `done`. The winner comes back with the same revision,
+    only without its conflict: it must be decided on (this instance is not running it:
+    worker lost), not taken for the version already seen and left `running` forever (a
+    two-replica test's failure)."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    db.put({**db.get(task_id), "status": "running", "owner": worker.instance, "attempt": 1})
+    resolved = db.get(task_id)
+    worker.states[task_id] = TaskState({**resolved, "_conflicts": ["5-" + "d" * 32]})
+    if seen_by == "the feed":
+        assert not worker.feed.known(resolved)
+        worker.seen(resolved, seq="9")
+    else:
+        worker.conflicts.recheck(task_id, delay=1.0)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+    final = db.get(task_id)
+    assert final["status"] == "err" and final["error"]["type"] == "WorkerLost", final
+    worker.executor.shutdown()
+
+
+OTHER_REPLICA = "manobi@node-b:1:bbbb"
+
+
+def branch(db: Database, parent: dict[str, Any], *versions: dict[str, Any]) -> None:
+    """Write `versions` as a replica's branch on top of revision `parent` (as replication
+    does: new_edits=false), beside whatever this node wrote on top of it."""
+    generation, parent_id = parent["_rev"].split("-")
+    ids = [
+        f"{n:032x}" for n in range(len(versions), 0, -1)
+    ]  # low ids: this node's branch wins ties
+    docs = [
+        {
+            **version,
+            "_rev": f"{int(generation) + n + 1}-{ids[-(n + 1)]}",
+            "_revisions": {"start": int(generation) + n + 1, "ids": [*ids[-(n + 1) :], parent_id]},
+        }
+        for n, version in enumerate(versions)
+    ]
+    db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": docs, "new_edits": False})
+
+
+def our_run(config: Config, db: Database) -> tuple[Worker, dict[str, Any], dict[str, Any]]:
+    """A worker (not started), a task as created, and that task `running` under it."""
+    worker = Worker(config.override(db=db.name), "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    original = db.get(task_id)
+    ours = {**original, "status": "running", "owner": worker.instance, "attempt": 1}
+    ours["_rev"] = db.put(ours)
+    return worker, original, ours
+
+
+@pytest.fixture
+def replica_db(server: Server, db_name: str) -> Iterator[Database]:
+    """A database without its design document yet: PouchDB Server drops replicated
+    writes (new_edits=false) once a validate_doc_update exists; push() after them."""
+    database = server.database(db_name + "-replica-side")
+    database.create()
+    yield database
+    database.delete()
+
+
+def test_a_conflict_that_came_while_the_outcome_was_written_is_resolved(
+    config: Config, replica_db: Database
+) -> None:
+    """The other replica's run of the task arrives while this instance writes its
+    outcome. Once that write lands the task is forgotten, and no later news may come:
+    the conflicted version seen meanwhile is resolved, the other run recorded."""
+    db = replica_db
+    worker, original, ours = our_run(config, db)
+    task_id = original["_id"]
+    outcome = {"status": "done", "started_at": ours["date"], "ended_at": ours["date"]}
+    done = {**ours, **outcome}
+    done_rev = db.put(done)
+    branch(db, original, {**original, "status": "running", "owner": OTHER_REPLICA, "attempt": 1})
+    push(db)
+    meanwhile = db.get(task_id, conflicts=True)
+    assert meanwhile["_rev"] == done_rev and meanwhile.get("_conflicts"), meanwhile
+    worker.states[task_id] = TaskState(ours, writing=True, newer=meanwhile)
+
+    worker.runner.outcome_written(task_id, done, {}, {"ok": True, "id": task_id, "rev": done_rev})
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+
+    final = db.get(task_id)
+    assert final["status"] == "done"
+    assert [(r["owner"], r["status"]) for r in final["conflicts_resolved"]] == [
+        (OTHER_REPLICA, "running")
+    ]
+    worker.executor.shutdown()
+
+
+def test_an_outcome_refused_because_the_other_replica_ended_the_task_is_recorded(
+    config: Config, replica_db: Database
+) -> None:
+    """Our outcome is refused (PouchDB Server answers 403): the winner is the other
+    replica's `done`, with our `running` beside it. Resolving records our run on the
+    task; forgetting it left the conflict, and our run, unrecorded."""
+    db = replica_db
+    worker, original, ours = our_run(config, db)
+    task_id = original["_id"]
+    theirs = {**original, "status": "running", "owner": OTHER_REPLICA, "attempt": 1}
+    ended = {"started_at": ours["date"], "ended_at": ours["date"]}
+    branch(db, original, theirs, {**theirs, "status": "done", **ended})
+    push(db)
+    assert db.get(task_id, conflicts=True)["_conflicts"] == [ours["_rev"]]
+    worker.states[task_id] = TaskState(ours, writing=True)
+    refused = {"error": "forbidden", "reason": "status: a done task cannot change"}
+
+    worker.runner.outcome_written(task_id, {**ours, "status": "done", **ended}, {}, refused)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+
+    final = db.get(task_id)
+    assert final["status"] == "done" and final["owner"] == OTHER_REPLICA
+    assert [(r["owner"], r["status"]) for r in final["conflicts_resolved"]] == [
+        (worker.instance, "running")
+    ]
+    worker.executor.shutdown()
