@@ -300,6 +300,16 @@ class Server:
     def welcome(self) -> dict[str, Any]:
         return self.json("GET", "")
 
+    def serves_selector_feeds(self) -> bool:
+        """Whether `_changes?filter=_selector` is served: Apache CouchDB 2 and later
+        (Mango, in Erlang: no JavaScript process per change). Detected by the welcome,
+        never by trying: an unguarded PouchDB Server dies on that request."""
+        welcome = self.welcome()
+        if "couchdb" not in welcome or "express-pouchdb" in welcome:
+            return False
+        major = str(welcome.get("version", "")).split(".", 1)[0]
+        return major.isdigit() and int(major) >= 2
+
     def put_user(self, name: str, password: str, roles: list[str]) -> None:
         """Create or update a user in `_users` (keeps its revision)."""
         users = self.database("_users")
@@ -476,8 +486,11 @@ class Database:
             size = page_size
 
     # -- changes -------------------------------------------------------------
-    def changes(self, **params: Any) -> dict[str, Any]:
-        """One normal (non-continuous) request to `_changes`."""
+    def changes(self, selector: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
+        """One normal (non-continuous) request to `_changes`, filtered by `selector` if given."""
+        if selector is not None:
+            params = {**params, "filter": "_selector"}
+            return self._json("POST", "_changes", params=params, body={"selector": selector})
         return self._json("GET", "_changes", params=params)
 
     def follow(
@@ -486,6 +499,7 @@ class Database:
         *,
         heartbeat_ms: int = 5000,
         stop: threading.Event | None = None,
+        selector: dict[str, Any] | None = None,
         **params: Any,
     ) -> Iterator[dict[str, Any]]:
         """Follow the continuous changes feed from `since`.
@@ -494,13 +508,17 @@ class Database:
         not and keeps the feed open forever, so liveness is checked on our side:
         the server sends a newline every heartbeat, and a read that sees nothing
         for three heartbeats raises Unreachable. The caller resumes from the
-        last `seq` it processed.
+        last `seq` it processed. With a `selector`, the feed is filtered by it
+        (`filter=_selector`, see Server.serves_selector_feeds).
         """
         query = {"feed": "continuous", "since": since, "heartbeat": heartbeat_ms, **params}
+        if selector is not None:
+            query["filter"] = "_selector"
         response = self.server.request(
-            "GET",
+            "POST" if selector is not None else "GET",
             f"{self.path}/_changes",
             params=query,
+            body={"selector": selector} if selector is not None else None,
             stream=True,
             timeout=3 * heartbeat_ms / 1000,
             # A compressed feed (PouchDB Server gzips) is held back in buffers: ask for it plain.

@@ -40,6 +40,27 @@ NEWS_BACKLOG = 100
 ECHO_GIVEN_UP = 30.0  # seconds after which a write's echo is no longer expected
 
 
+def worker_selector(name: str) -> dict[str, Any]:
+    """What designdocs/after/filters/worker.js lets through, as a Mango selector: the
+    worker's tasks and the records of its instances. On Apache CouchDB it is matched in
+    Erlang, where the JavaScript filter costs a call to a JavaScript process per change
+    and per follower."""
+    return {
+        "$or": [
+            {"type": "worker", "name": name},
+            {"type": "task", "worker": name},
+            {"type": {"$exists": False}, "worker": name},
+        ]
+    }
+
+
+def feed_filter(name: str, selectors: bool) -> dict[str, Any]:
+    """The changes-feed parameters that bring one worker's documents."""
+    if selectors:
+        return {"selector": worker_selector(name)}
+    return {"filter": f"{DDOC}/worker", "worker": name}
+
+
 class Feed:
     """The start-up read and the changes feed of one worker instance."""
 
@@ -49,6 +70,9 @@ class Feed:
         # write was sent (monotonic). The oldest tells how late our news is.
         self.echoes: OrderedDict[str, float] = OrderedDict()
         self.echo_lock = threading.Lock()
+        # How the changes feed is filtered: the design document's filter until the
+        # start-up read has asked the server whether it serves selector feeds.
+        self.filter = feed_filter(worker.name, selectors=False)
 
     # -- start-up ------------------------------------------------------------------------
     def read_current_state(self) -> None:
@@ -58,6 +82,9 @@ class Feed:
         stay in the database until the horizon reaches them.
         """
         worker = self.worker
+        selectors = worker.server.serves_selector_feeds()
+        self.filter = feed_filter(worker.name, selectors)
+        log.info("changes feed filtered by %s", "a selector" if selectors else "after/worker")
         count = 0
         horizon_end = tasks.iso(tasks.now() + worker.horizon)
         for status in tasks.ACTIVE:
@@ -105,12 +132,7 @@ class Feed:
         while not worker.stopping.is_set():
             try:
                 changes = worker.db.follow(
-                    since,
-                    stop=worker.stopping,
-                    include_docs=True,
-                    conflicts=True,
-                    filter=f"{DDOC}/worker",
-                    worker=worker.name,
+                    since, stop=worker.stopping, include_docs=True, conflicts=True, **self.filter
                 )
                 for change in changes:
                     since = change["seq"]

@@ -229,9 +229,19 @@ def main(argv: list[str] | None = None) -> int:
                 n_trickle = int(args.trickle_rate * trickle_s)
                 if "burst" in only:
                     run("aps_burst", peers.aps, bench, "burst", n_burst)
+                    run("aps_mem_burst", peers.aps, bench, "burst", n_burst, memory=True)
                     run("huey_burst", peers.huey_run, bench, "burst", n_burst)
                 if "trickle" in only:
                     run("aps_trickle", peers.aps, bench, "trickle", n_trickle, trickle_s)
+                    run(
+                        "aps_mem_trickle",
+                        peers.aps,
+                        bench,
+                        "trickle",
+                        n_trickle,
+                        trickle_s,
+                        memory=True,
+                    )
                     run("huey_trickle", peers.huey_run, bench, "trickle", n_trickle, trickle_s)
         results["server"]["rss_mb_at_end"] = (
             round(bench.server_rss() / 2**20, 1) if bench.server_rss() else None

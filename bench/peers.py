@@ -3,7 +3,8 @@
 - APScheduler 3: a BackgroundScheduler with an SQLite SQLAlchemy job store and its default
   thread pool (10), `misfire_grace_time` raised so that no run is dropped; it runs in its own
   process (`python -m bench.peers aps ...`), which also adds the jobs (APScheduler has no
-  out-of-process API).
+  out-of-process API). Again with its MemoryJobStore: the in-process limit, nothing
+  persisted, which shows how far a persistent, distributed scheduler is from one.
 - Huey: SqliteHuey, a `huey_consumer` process with 4 worker threads (After's default
   concurrency), other settings at their defaults (scheduler interval 1 s, polling
   0.1 s backing off to 10 s); the bench enqueues the tasks with an `eta`.
@@ -63,16 +64,21 @@ def _summarise(
 
 
 def aps_process(args: list[str]) -> None:
-    """In the child process: python -m bench.peers aps SCENARIO N SECONDS DBFILE OUT."""
+    """In the child process: python -m bench.peers aps SCENARIO N SECONDS STORE OUT, where
+    STORE is `memory` or the SQLite file of the job store."""
     from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from bench import peer_jobs
 
-    scenario, n, seconds, dbfile, out = args[0], int(args[1]), float(args[2]), args[3], args[4]
+    scenario, n, seconds, store, out = args[0], int(args[1]), float(args[2]), args[3], args[4]
+    jobstore = (
+        MemoryJobStore() if store == "memory" else SQLAlchemyJobStore(url=f"sqlite:///{store}")
+    )
     scheduler = BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{dbfile}")},
+        jobstores={"default": jobstore},
         executors={"default": ThreadPoolExecutor(10)},
         job_defaults={"misfire_grace_time": 3600, "coalesce": False},
         timezone=UTC,
@@ -129,20 +135,23 @@ def aps_process(args: list[str]) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def aps(bench: Bench, scenario: str, n: int, seconds: float = 0.0) -> dict[str, Any]:
-    dbfile = bench.tmp / f"aps-{scenario}.sqlite"
-    out = bench.tmp / f"aps-{scenario}.json"
+def aps(
+    bench: Bench, scenario: str, n: int, seconds: float = 0.0, memory: bool = False
+) -> dict[str, Any]:
+    """APScheduler with the SQLite job store, or with the MemoryJobStore (`memory`)."""
+    label = f"aps-{'memory' if memory else 'sqlite'}-{scenario}"
+    store = "memory" if memory else str(bench.tmp / f"{label}.sqlite")
+    out = bench.tmp / f"{label}.json"
     limit = 120 + n / 50 + seconds
     subprocess.run(
-        [PYTHON, "-m", "bench.peers", "aps", scenario, str(n), str(seconds), str(dbfile), str(out)],
+        [PYTHON, "-m", "bench.peers", "aps", scenario, str(n), str(seconds), store, str(out)],
         cwd=ROOT,
         check=True,
         timeout=limit,
     )
     result = json.loads(out.read_text())
-    result["settings"] = (
-        "BackgroundScheduler, SQLAlchemyJobStore(sqlite), 10 threads, misfire_grace_time=3600"
-    )
+    jobstore = "MemoryJobStore" if memory else "SQLAlchemyJobStore(sqlite)"
+    result["settings"] = f"BackgroundScheduler, {jobstore}, 10 threads, misfire_grace_time=3600"
     return result
 
 

@@ -64,11 +64,15 @@ def ceiling(
         # 1 client, single-document POSTs
         session = bench.session()
         url = f"{bench.bare_url}{db.path}"
-        count, began = 0, time.perf_counter()
-        while time.perf_counter() - began < single_s and count < 100_000:
-            session.post(url, json=task("ceiling", time.time() + 3600), timeout=30)
-            count += 1
-        single_1 = rate(count, time.perf_counter() - began)
+
+        def posts_per_s(url: str) -> float:
+            count, began = 0, time.perf_counter()
+            while time.perf_counter() - began < single_s and count < 100_000:
+                session.post(url, json=task("ceiling", time.time() + 3600), timeout=30)
+                count += 1
+            return rate(count, time.perf_counter() - began)
+
+        single_1 = posts_per_s(url)
 
         # 8 clients (threads), each its own session
         counts = [0] * 8
@@ -89,6 +93,12 @@ def ceiling(
         for t in threads:
             t.join(30)
         single_8 = rate(sum(counts), time.perf_counter() - began)
+        # 1 client again, on a database without the design doc: what validation costs a POST
+        raw_db = bench.fresh_db("ceiling-raw-posts", design=False)
+        try:
+            single_raw = posts_per_s(f"{bench.bare_url}{raw_db.path}")
+        finally:
+            bench.drop(raw_db)
 
         # _bulk_docs: create, then the three updates a task costs After
         n = n_docs or (1000 if quick else 10_000)
@@ -121,6 +131,7 @@ def ceiling(
         return {
             "single_post_1_client_per_s": single_1,
             "single_post_8_clients_per_s": single_8,
+            "single_post_without_validation_per_s": single_raw,
             "bulk_create_docs_per_s": bulk_create,
             "bulk_create_without_validation_docs_per_s": rate(n, raw_s),
             "bulk_update_docs_per_s": bulk_update,

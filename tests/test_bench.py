@@ -65,9 +65,17 @@ def test_bench_tiny_run_end_to_end(couch_url: str, tmp_path: Path) -> None:
     assert {t["status"] for t in results["targets"]} <= {"PASS", "FAIL", "n/a"}
     assert len(results["targets"]) >= 8
     if HAVE_PEERS:
-        for key in ("aps_burst", "huey_burst", "aps_trickle", "huey_trickle"):
+        for key in (
+            "aps_burst",
+            "aps_mem_burst",
+            "huey_burst",
+            "aps_trickle",
+            "aps_mem_trickle",
+            "huey_trickle",
+        ):
             assert s[key]["ran"] == s[key]["tasks"], (key, s[key])
-        assert "aps_burst" in results["peer_ratios"]
+        assert "aps_burst" in results["peer_ratios"] and "aps_mem_trickle" in results["peer_ratios"]
+        assert "MemoryJobStore" in s["aps_mem_burst"]["settings"]
     if HAVE_PLOTS:
         assert (tmp_path / "lateness.png").stat().st_size > 0
         assert (tmp_path / "throughput.png").stat().st_size > 0
@@ -134,3 +142,42 @@ def test_bench_refuses_to_profile_a_server_it_did_not_start(
     assert "profiles the embedded server only" in capsys.readouterr().out
     with pytest.raises(BenchError, match="embedded server only"):
         Bench(couch_url, profile=True)
+
+
+def test_the_targets_are_ratios_to_the_peers_of_the_same_run() -> None:
+    scenarios = {
+        "ceiling": {
+            "bulk_create_docs_per_s": 1000.0,
+            "bulk_create_without_validation_docs_per_s": 5000.0,
+            "single_post_1_client_per_s": 90.0,
+            "single_post_without_validation_per_s": 100.0,
+            "ceiling_tasks_per_s": 300.0,
+        },
+        "burst_1": {"throughput_db_per_s": 200.0, "lateness_ms": {"p99": 900.0}},
+        "burst_4": {"throughput_db_per_s": 170.0, "lateness_ms": {"p99": 800.0}},
+        "trickle": {
+            "rate_per_s": 200,
+            "seconds": 30.0,
+            "tasks": 4284,
+            "all_done": True,
+            "lateness_ms": {"p99": 3.0},
+            "pickup_ms": {"p50": 10.0},
+        },
+        "aps_mem_trickle": {"lateness_ms": {"p99": 2.5}},
+        "huey_trickle": {"pickup_ms": {"p50": 60.0}},
+    }
+    status = {t["target"]: t["status"] for t in report.targets({"scenarios": scenarios})}
+    assert status["validation costs at most 2x (`_bulk_docs` creates without / with)"] == "FAIL"
+    assert status["single POSTs (1 client) ≥ 80 % of the rate without validation"] == "PASS"
+    assert status["burst throughput, 4 instances ≥ 90 % of 1 instance"] == "FAIL"
+    assert status["trickle completes: every task created on pace, all done"] == "FAIL"
+    assert status["trickle lateness p99 ≤ APScheduler's with its memory store, ms"] == "FAIL"
+    assert status["pick-up p50 ≤ a fifth of Huey's, ms"] == "PASS"
+
+    scenarios["trickle"].update(tasks=6000, lateness_ms={"p99": 2.0})
+    scenarios["burst_4"]["throughput_db_per_s"] = 190.0
+    status = {t["target"]: t["status"] for t in report.targets({"scenarios": scenarios})}
+    assert status["trickle completes: every task created on pace, all done"] == "PASS"
+    assert status["trickle lateness p99 ≤ APScheduler's with its memory store, ms"] == "PASS"
+    assert status["burst throughput, 4 instances ≥ 90 % of 1 instance"] == "PASS"
+    assert status["burst throughput above Huey's (1 instance)"] == "n/a"  # no Huey burst

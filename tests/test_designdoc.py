@@ -31,7 +31,9 @@ from conftest import new_task
 
 from after import records
 from after.couch import Conflict, Database, Forbidden, Server
+from after.feed import feed_filter
 from after.push import load_rules, push
+from after.security import is_pouchdb_server
 
 RULES = load_rules()
 STATUSES: list[str] = RULES["statuses"]
@@ -612,11 +614,27 @@ def test_a_document_with_an_unknown_status_can_be_deleted_or_written_anew(
 # -- the worker filter ---------------------------------------------------------------------
 
 
-def filtered(db: Database, worker: str) -> set[str]:
-    return {row["id"] for row in db.changes(filter="after/worker", worker=worker)["results"]}
+@pytest.fixture(params=["design filter", "selector"])
+def filtered(request: pytest.FixtureRequest, db: Database) -> Callable[[Database, str], set[str]]:
+    """The ids a worker's changes feed brings: through the design document's filter,
+    and through the Mango selector that stands for it where the server serves one
+    (Apache CouchDB; after.feed.worker_selector): both must bring the same."""
+    selectors = request.param == "selector"
+    if selectors and not db.server.serves_selector_feeds():
+        pytest.skip("PouchDB Server serves no selector feeds: workers use the design filter")
+
+    def ids(db: Database, worker: str) -> set[str]:
+        params = feed_filter(worker, selectors)
+        return {row["id"] for row in db.changes(**params)["results"]}
+
+    return ids
 
 
-def test_the_worker_filter_delivers_only_that_workers_tasks(db: Database) -> None:
+def test_selector_feeds_are_used_where_the_server_serves_them(server: Server) -> None:
+    assert server.serves_selector_feeds() is not is_pouchdb_server(server)
+
+
+def test_the_worker_filter_delivers_only_that_workers_tasks(db: Database, filtered) -> None:
     mine = {create(db, worker="manobi")["_id"] for _ in range(3)}
     other = create(db, worker="other")["_id"]
     theirs = {other} | {create(db, worker=worker)["_id"] for worker in ("manobi2", "Manobi")}
@@ -630,7 +648,9 @@ def test_the_worker_filter_delivers_only_that_workers_tasks(db: Database) -> Non
     assert filtered(db, "nobody") == set()
 
 
-def test_the_worker_filter_delivers_the_records_of_that_workers_instances(db: Database) -> None:
+def test_the_worker_filter_delivers_the_records_of_that_workers_instances(
+    db: Database, filtered
+) -> None:
     instances = {"manobi": "manobi@host:1:aaaa", "other": "other@host:2:bbbb"}
     for name, instance in instances.items():
         db.put(records.new_record(name, instance, datetime.now(UTC)))
@@ -639,7 +659,9 @@ def test_the_worker_filter_delivers_the_records_of_that_workers_instances(db: Da
 
 
 @pytest.mark.parametrize("worker", ["42", "007", "true", "null"])
-def test_the_worker_filter_works_for_names_that_look_like_json(db: Database, worker: str) -> None:
+def test_the_worker_filter_works_for_names_that_look_like_json(
+    db: Database, worker: str, filtered
+) -> None:
     mine = create(db, worker=worker)["_id"]
     create(db, worker="manobi")
     assert filtered(db, worker) == {mine}
