@@ -9,14 +9,26 @@ WORKER ?= manobi
 PORT   ?= 5984
 export AFTER_COUCHDB_URL ?= http://127.0.0.1:$(PORT)/
 
-.PHONY: install run couchdb couchdb-stop push push-watch test lint bench clean
+.PHONY: install install-dev install-bench run couchdb couchdb-stop push push-watch test lint bench clean
 
+# What running needs; `make test` adds the dev extra, `make bench` the bench extra.
 install: $(VENV)/.installed node_modules/.installed
+install-dev: install $(VENV)/.installed-dev
+install-bench: install $(VENV)/.installed-bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# The suite runs the bench once, small, with its peers: it needs the bench extra too.
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -42,14 +54,14 @@ push-watch: install
 	$(AFTER) push --watch
 
 ## The whole suite against a PouchDB Server it starts itself, or AFTER_TEST_COUCHDB_URL.
-test: install
+test: install-dev install-bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check after tests jobs bench
 	$(BIN)/ruff format --check after tests jobs bench
 
-bench: install
+bench: install-bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PROFILE),--profile-server)
 
 clean:

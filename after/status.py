@@ -122,7 +122,7 @@ def _due(doc: Doc) -> datetime | None:
         return None
 
 
-def _moment(value: Any) -> datetime | None:
+def moment_of(value: Any) -> datetime | None:
     try:
         return parse_date(value) if isinstance(value, str) else None
     except ValueError:
@@ -144,7 +144,7 @@ def _task(doc: Doc) -> dict[str, Any]:
     return task
 
 
-def _seconds(delta: timedelta) -> float:
+def seconds_of(delta: timedelta) -> float:
     return round(delta.total_seconds(), 3)
 
 
@@ -153,7 +153,7 @@ def _late(doc: Doc, at: datetime) -> dict[str, Any]:
     return {
         **_task(doc),
         "owner": doc.get("owner"),
-        "late_seconds": _seconds(at - due) if due else None,
+        "late_seconds": seconds_of(at - due) if due else None,
     }
 
 
@@ -171,13 +171,13 @@ def _failed(doc: Doc) -> dict[str, Any]:
 
 
 def _running(doc: Doc, at: datetime) -> dict[str, Any]:
-    started = _moment(doc.get("started_at"))
+    started = moment_of(doc.get("started_at"))
     return {
         **_task(doc),
         "owner": doc.get("owner"),
         "attempt": doc.get("attempt"),
         "started_at": doc.get("started_at"),
-        "running_seconds": _seconds(at - started) if started else None,
+        "running_seconds": seconds_of(at - started) if started else None,
     }
 
 
@@ -189,7 +189,7 @@ def instance_state(record: Doc, at: datetime) -> str:
 
 
 def _instance(record: Doc, at: datetime) -> dict[str, Any]:
-    seen = _moment(record.get("last_seen"))
+    seen = moment_of(record.get("last_seen"))
     return {
         "instance": record.get("instance"),
         "name": record.get("name"),
@@ -197,7 +197,7 @@ def _instance(record: Doc, at: datetime) -> dict[str, Any]:
         "pid": record.get("pid"),
         "state": instance_state(record, at),
         "last_seen": record.get("last_seen"),
-        "heartbeat_age_seconds": _seconds(at - seen) if seen else None,
+        "heartbeat_age_seconds": seconds_of(at - seen) if seen else None,
         "lease_until": record.get("lease_until"),
         "held": record.get("held"),
         "done": record.get("done"),

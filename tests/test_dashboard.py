@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -408,6 +409,43 @@ def test_a_failed_run_shows_its_error_live_and_in_recent_runs(
         "2 runs in the last 30 minutes, 1 failed"
     )
     assert db.get(failing)["error"]["message"] == "disk full on /srv"
+
+
+def done_run(db: Database, date: str, started: datetime, finished: datetime) -> str:
+    """A run written as a worker would, step by step: done, started `started`."""
+    doc = new_task(date=date, job={"name": "echo", "arguments": []})
+    doc["_id"], doc["_rev"] = db.post(doc)
+    for fields in (
+        {"status": "scheduled", "owner": "manobi@host:1:abcd"},
+        {"status": "running", "attempt": 1, "started_at": iso(started)},
+        {"status": "done", "finished_at": iso(finished), "duration_ms": 3.0, "result": None},
+    ):
+        doc.update(fields)
+        doc["_rev"] = db.put(doc)
+    return doc["_id"]
+
+
+def test_one_run_years_late_does_not_flatten_the_delay_chart(
+    page: Any, couch_url: str, db: Database
+) -> None:
+    """The original README's task, dated 2011 and run today, beside runs a few tens of
+    milliseconds late: the delay scale is capped below it, it is marked at the top, and
+    every label is a duration (not a count of minutes such as 833333m)."""
+    now = datetime.now(UTC)
+    for minutes_ago, late_ms in ((20, 40), (10, 80)):
+        due = now - timedelta(minutes=minutes_ago)
+        done_run(db, iso(due), due + timedelta(milliseconds=late_ms), due + timedelta(seconds=1))
+    done_run(db, "2011-10-12", now - timedelta(minutes=1), now - timedelta(seconds=59))
+    open_dashboard(page, couch_url, db)
+    chart = page.locator("#chart svg")
+    expect(chart.locator("polygon.late-off")).to_have_count(1)
+    expect(chart.locator("circle.late-dot")).to_have_count(2)
+    expect(page.locator("#chart-caption")).to_contain_text(
+        "delay scale capped at 100ms, 1 minute above it"
+    )
+    labels = chart.locator("text.axis").all_text_contents()
+    assert "100ms" in labels and "worst delay (capped)" in labels, labels
+    assert not [label for label in labels if re.fullmatch(r"\d{4,}.*", label)], labels
 
 
 def test_a_failed_task_is_retried_from_the_page(page: Any, couch_url: str, db: Database) -> None:

@@ -105,6 +105,76 @@ def status(
     warn_if_admin_party(config)
 
 
+@main.command()
+@connection_options
+@click.option(
+    "--every",
+    type=click.FloatRange(min=1.0),
+    metavar="SECONDS",
+    help="Write the metrics again every SECONDS until Ctrl-C (needs --output).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write to FILE, replaced at once each time (node_exporter's textfile collector "
+    "reads *.prom files from its --collector.textfile.directory) [default: stdout].",
+)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=1.0),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Runs that ended this long ago at most go into the duration and delay summaries.",
+)
+@friendly_errors
+def metrics(
+    couchdb_url: str | None,
+    db: str | None,
+    every: float | None,
+    output: Path | None,
+    window: float,
+) -> None:
+    """Tasks, runs and instances in the Prometheus text format.
+
+    Tasks by worker and status, late tasks and the oldest lateness, runs and
+    failures per instance, run durations and start delays, instances and the
+    age of their heartbeats: read from the database's views, as `after status`.
+    """
+    from after import metrics as exposition
+
+    if every is not None and output is None:
+        raise click.UsageError("--every writes a file again and again: give it --output FILE")
+    config = load_config(couchdb_url, db)
+    database = Server.from_config(config).database(config.db)
+
+    def once() -> None:
+        try:
+            text = exposition.render(exposition.collect(database, window=window))
+        except NotFound:
+            fail(
+                f"database {config.db} has no _design/after at {config.display_url}: "
+                "run `after push`"
+            )
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            exposition.write_textfile(output, text)
+
+    once()
+    if every is None:
+        return
+    console.print(f"writing {output} every {every:g} s; Ctrl-C to stop", style="bright_black")
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(every)
+            try:
+                once()
+            except CouchError as exc:  # an outage: keep the last file, try again
+                console.print(f"not read ({exc}); trying again", style="red")
+
+
 def warn_if_admin_party(config: Config) -> bool:
     """One loud line on stderr when the server makes every anonymous request an admin."""
     from after.security import admin_party, admin_party_warning

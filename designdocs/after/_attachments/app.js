@@ -959,7 +959,16 @@
     });
     var maxRuns = evenMax(Math.max.apply(null, buckets.map(function (b) { return b.done + b.err; }).concat([1])));
     // The delay scale in seconds: at least 10 ms, and 1 s while there is nothing to show.
-    var maxDelay = (delays.length ? niceMax(Math.max(10, Math.max.apply(null, delays))) : 1000) / 1000;
+    // Minutes whose worst delay is more than ten times the median minute's (a task dated
+    // years ago, run today) would flatten every other point: the scale is capped below
+    // them, and they are drawn at its top, marked, and counted in the caption.
+    var worsts = buckets.filter(function (b) { return b.delays.length; })
+      .map(function (b) { return Math.max.apply(null, b.delays); });
+    var sortedWorsts = worsts.slice().sort(function (a, b) { return a - b; });
+    var medianWorst = sortedWorsts.length ? sortedWorsts[Math.floor((sortedWorsts.length - 1) / 2)] : 0;
+    var onScale = worsts.filter(function (w) { return w <= 10 * Math.max(medianWorst, 10); });
+    var offScale = worsts.length - onScale.length;
+    var maxDelay = (onScale.length ? niceMax(Math.max(10, Math.max.apply(null, onScale))) : 1000) / 1000;
     var plotW = width - left - right, plotH = height - top - bottom;
     var barW = plotW / CHART_MINUTES;
 
@@ -967,7 +976,9 @@
     var worst = delays.length ? Math.max.apply(null, delays) : NaN;
     var summary = totalRuns + ' run' + (totalRuns === 1 ? '' : 's') + ' in the last ' + CHART_MINUTES + ' minutes' +
       (failedRuns ? ', ' + failedRuns + ' failed' : '') +
-      (delays.length ? '; start delay: median ' + fmtDuration(median) + ', worst ' + fmtDuration(worst) : '');
+      (delays.length ? '; start delay: median ' + fmtDuration(median) + ', worst ' + fmtDuration(worst) : '') +
+      (offScale ? '; delay scale capped at ' + fmtSeconds(maxDelay) + ', ' + offScale + ' minute' +
+        (offScale === 1 ? '' : 's') + ' above it (▲)' : '');
 
     var svg = s('svg', {viewBox: '0 0 ' + width + ' ' + height, role: 'img', 'aria-label': summary});
     svg.appendChild(s('title', {}, 'Runs per minute and worst start delay'));
@@ -988,18 +999,27 @@
     buckets.forEach(function (b, index) {
       if (!b.delays.length) return;
       var worstHere = Math.max.apply(null, b.delays) / 1000;
-      points.push([left + index * barW + barW / 2, top + plotH - Math.min(1, worstHere / maxDelay) * plotH]);
+      points.push([left + index * barW + barW / 2, top + plotH - Math.min(1, worstHere / maxDelay) * plotH,
+                   worstHere > maxDelay]);
     });
     if (points.length > 1) {
       svg.appendChild(s('polyline', {class: 'late-line', points: points.map(function (p) { return p[0].toFixed(1) + ',' + p[1].toFixed(1); }).join(' ')}));
     }
-    points.forEach(function (p) { svg.appendChild(s('circle', {class: 'late-dot', cx: p[0], cy: p[1], r: 2.5})); });
+    points.forEach(function (p) {
+      if (p[2]) {  // above the capped scale: a triangle at its top
+        var tri = [[p[0], p[1] - 4], [p[0] - 4, p[1] + 3], [p[0] + 4, p[1] + 3]];
+        svg.appendChild(s('polygon', {class: 'late-off', points: tri.map(function (q) { return q.join(','); }).join(' ')}));
+      } else {
+        svg.appendChild(s('circle', {class: 'late-dot', cx: p[0], cy: p[1], r: 2.5}));
+      }
+    });
     [[0, '−' + CHART_MINUTES + ' min'], [CHART_MINUTES / 2, '−' + CHART_MINUTES / 2 + ' min'], [CHART_MINUTES, 'now']].forEach(function (tick) {
       svg.appendChild(s('text', {class: 'axis', x: left + tick[0] * barW, y: height - 6,
         'text-anchor': tick[0] === 0 ? 'start' : tick[0] === CHART_MINUTES ? 'end' : 'middle'}, tick[1]));
     });
     svg.appendChild(s('text', {class: 'axis', x: 2, y: 10}, 'runs / min'));
-    svg.appendChild(s('text', {class: 'axis', x: width - 2, y: 10, 'text-anchor': 'end'}, 'worst delay'));
+    svg.appendChild(s('text', {class: 'axis', x: width - 2, y: 10, 'text-anchor': 'end'},
+      offScale ? 'worst delay (capped)' : 'worst delay'));
     $('chart').replaceChildren(svg);
     $('chart-caption').textContent = summary + '.';
     var durations = [];
@@ -1034,9 +1054,12 @@
     return 10 * exp;
   }
 
+  // An axis label: a duration in its largest sensible unit, never a raw count of minutes.
   function fmtSeconds(value) {
-    if (value >= 60) return Math.round(value / 60) + 'm';
-    if (value >= 1) return (Math.round(value * 10) / 10) + 's';
+    var units = [[365 * 86400, 'y'], [86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
+    for (var i = 0; i < units.length; i++) {
+      if (value >= units[i][0]) return (Math.round(value / units[i][0] * 10) / 10) + units[i][1];
+    }
     return Math.round(value * 1000) + 'ms';
   }
 
