@@ -45,6 +45,25 @@ def security_object() -> dict[str, Any]:
     }
 
 
+def protect_databases(server: Server) -> list[str]:
+    """Give every database of After's (one with `_design/after`) whose `_security`
+    admits anybody (no member names or roles: public on PouchDB Server) the
+    security_object; the names of those changed. Needs a server admin."""
+    changed = []
+    for name in server.json("GET", "_all_dbs"):
+        if name.startswith("_"):
+            continue
+        database = server.database(name)
+        if database.get("_design/after") is None:
+            continue
+        members = database.security().get("members") or {}
+        if members.get("names") or members.get("roles"):
+            continue
+        database.set_security(security_object())
+        changed.append(name)
+    return changed
+
+
 def user_context(server: Server) -> dict[str, Any]:
     """Who the server takes us for: `{"name": ..., "roles": [...]}` (GET /_session)."""
     return server.json("GET", "_session").get("userCtx") or {"name": None, "roles": []}

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -461,6 +462,8 @@ def test_lock_gives_a_running_server_an_admin_and_has_its_supervisor_restart_it(
         wait_for(lambda: read_state(home / "couchdb.json").get("url") == url, timeout=60)
     try:
         assert admin_party(url)
+        push(Server(url).database("tasks"))  # public, as a database is in admin party
+        assert requests.get(url + "tasks/_all_docs", timeout=5).status_code == 200
         supervisor_pid = int((home / "couchdb.pid").read_text())
         old_server_pid = read_state(home / "couchdb.json")["server_pid"]
 
@@ -474,6 +477,11 @@ def test_lock_gives_a_running_server_an_admin_and_has_its_supervisor_restart_it(
 
         assert not admin_party(url), "anonymous requests are anonymous now"
         assert anonymous_roles(url) == []
+        assert "tasks: _security set" in locked.stdout
+        assert requests.get(url + "tasks/_all_docs", timeout=5).status_code == 401
+        assert (
+            requests.post(url + "tasks/_find", json={"selector": {}}, timeout=5).status_code == 401
+        )
         root = user_context(Server(url, ("root", password)))
         assert root == {"name": "root", "roles": ["_admin"]}
         # The supervisor stays; it replaced its server, which read the new config.json.
@@ -548,6 +556,42 @@ def test_setup_on_a_locked_server_leaves_anonymous_requests_refused(
 
 
 # -- 5. anonymous requests on a server with an admin -----------------------------------------
+
+
+# Every route of PouchDB Server that reads documents: (method, path after /db/, body).
+READING_ROUTES = [
+    ("GET", "", None),
+    ("GET", "_all_docs", None),
+    ("POST", "_all_docs", {"keys": ["t1"]}),
+    ("POST", "_find", {"selector": {"worker": "manobi"}}),
+    ("POST", "_explain", {"selector": {"worker": "manobi"}}),
+    ("GET", "_index", None),
+    ("POST", "_bulk_get", {"docs": [{"id": "t1"}]}),
+    ("GET", "_changes", None),
+    ("POST", "_changes", {}),
+    ("GET", "_changes?filter=after/worker&worker=manobi", None),
+    ("GET", "_design/after/_view/by_status?reduce=false", None),
+    ("GET", "_design/after", None),
+    ("GET", "t1", None),
+    ("POST", "_revs_diff", {"t1": ["1-x"]}),
+    ("GET", "_security", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), READING_ROUTES)
+def test_a_locked_database_answers_401_to_anonymous_reads_on_every_route(
+    locked: Locked, method: str, path: str, body: Any
+) -> None:
+    """As Apache CouchDB with `_security` set; PouchDB Server's `_find`, `_explain`,
+    `_index` and `_bulk_get` ignored it (the guard applies it). A member reads."""
+    db_url = f"{locked.url}{locked.db}/"
+    if locked.admin.database(locked.db).get("t1") is None:
+        locked.admin.database(locked.db).put(new_task(_id="t1"))
+    anonymous = requests.request(method, db_url + path, json=body, timeout=10)
+    assert anonymous.status_code == 401, (path, anonymous.text)
+    assert anonymous.json()["error"] == "unauthorized"
+    member = requests.request(method, db_url + path, json=body, auth=locked.client, timeout=10)
+    assert member.status_code in (200, 201), (path, member.text)
 
 
 def test_an_anonymous_request_gets_401_on_a_locked_embedded_server(locked: Locked) -> None:

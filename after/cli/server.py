@@ -487,6 +487,13 @@ def couchdb_lock(ctx: click.Context, admin_name: str) -> None:
             fail(f"the embedded server at {url} restarted but is still in admin party")
         server_pid = restarted["server_pid"]
         click.echo(f"restarted the embedded server (pid {server_pid}) at {url}: locked")
+        from after.security import protect_databases
+
+        for name in protect_databases(Server(url, (admin_name, password))):
+            click.echo(
+                f"{name}: _security set, only After's roles and server admins may read or "
+                "write it (anonymous requests get 401)"
+            )
     elif pid is not None:  # still starting, from an older After, or on other data
         click.echo(
             f"if the embedded server (pid {pid}) runs on {directory}, restart it to apply it "
@@ -494,8 +501,9 @@ def couchdb_lock(ctx: click.Context, admin_name: str) -> None:
         )
     else:
         click.echo(
-            "it applies when the embedded server starts (`after couchdb --daemon`); "
-            "Apache CouchDB 3.x needs no lock: it always has an admin"
+            "it applies when the embedded server starts (`after couchdb --daemon`); then "
+            "run `after setup` (as that admin) so that the database's _security admits only "
+            "After's roles. Apache CouchDB 3.x needs no lock: it always has an admin"
         )
     click.echo(
         f"connect as the admin: AFTER_COUCHDB_URL=http://{admin_name}@127.0.0.1:{port}/ "

@@ -289,7 +289,8 @@ function checkAllPatchesApplied() {
     'create-or-delete-dbs', 'utils.setDBOnReq', 'utils.jsonParser', 'pouchdb-changeslike-wrapper',
     'pouchdb-validation', 'pouchdb-utils', 'pouchdb-adapter-leveldb-core', 'pouchdb-adapter-utils',
     'routes/changes batching',
-    'routes/authorization', 'routes/root', 'routes/db', 'routes/changes'
+    'routes/authorization', 'routes/root', 'routes/db', 'routes/changes', 'routes/find',
+    'routes/bulk-get'
   ].filter(function (name) {
     return !applied[name];
   });
@@ -791,6 +792,39 @@ beforeRoutes('db', function (app) {
     }
     next();
   });
+});
+
+// --- _find, _explain, _index, _bulk_get: the database's _security applies -----
+//
+// pouchdb-find is installed after pouchdb-security has wrapped the database
+// methods, and bulkGet reads around the wrapped ones: these routes answered
+// anonymous requests with documents when the database's `_security` admits
+// members only. Apache CouchDB answers them 401 (anonymous) or 403 like any read.
+// The check is pouchdb-security's own: `info()` requires a member, so a request
+// that may not read the database gets the error it would get on `GET /db`.
+
+function requireReader(req, res, next) {
+  if (!req.db || typeof req.db.info !== 'function') {
+    return next();
+  }
+  req.db.info(utils.makeOpts(req)).then(function () {
+    next();
+  }, function (err) {
+    sendError(res, (err && err.status) || 500, (err && err.name) || 'unknown_error',
+              (err && err.message) || 'cannot read the database');
+  });
+}
+
+beforeRoutes('find', function (app) {
+  app.get('/:db/_index', requireReader);
+  app.post('/:db/_index', requireReader);
+  app.delete('/:db/_index/*', requireReader);
+  app.post('/:db/_find', requireReader);
+  app.post('/:db/_explain', requireReader);
+});
+
+beforeRoutes('bulk-get', function (app) {
+  app.post('/:db/_bulk_get', requireReader);
 });
 
 // --- _changes filters PouchDB Server cannot serve -----------------------------
