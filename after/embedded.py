@@ -59,20 +59,60 @@ class EmbeddedServerError(RuntimeError):
     pass
 
 
-def find_pouchdb_server() -> Path:
-    """The pouchdb-server script: $AFTER_POUCHDB_SERVER, or node_modules here or in the cwd."""
+SERVER_SCRIPT = Path("node_modules") / "pouchdb-server" / "bin" / "pouchdb-server"
+# The pinned server: package.json and its lockfile, in the checkout, or inside the
+# installed package (the wheel carries them as after/node/, see pyproject.toml).
+NPM_FILES = ("package.json", "package-lock.json")
+
+
+def find_pouchdb_server(home: Path | None = None) -> Path:
+    """The pouchdb-server script: $AFTER_POUCHDB_SERVER, node_modules in the checkout or
+    the cwd, or the copy `after couchdb` installed into `home`/node."""
     candidates = [os.environ.get("AFTER_POUCHDB_SERVER", "")]
-    candidates += [
-        str(base / "node_modules" / "pouchdb-server" / "bin" / "pouchdb-server")
-        for base in (REPO_ROOT, Path.cwd())
-    ]
+    candidates += [str(base / SERVER_SCRIPT) for base in (REPO_ROOT, Path.cwd())]
+    if home is not None:
+        candidates.append(str(home / "node" / SERVER_SCRIPT))
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     raise EmbeddedServerError(
-        "PouchDB Server is not installed: run `npm ci` in the After checkout "
-        f"({REPO_ROOT}), or set AFTER_POUCHDB_SERVER to its bin/pouchdb-server"
+        "PouchDB Server is not installed: `after couchdb` installs it into AFTER_HOME/node "
+        f"(with npm), `npm ci` in an After checkout ({REPO_ROOT}) does it there, or set "
+        "AFTER_POUCHDB_SERVER to its bin/pouchdb-server"
     )
+
+
+def pinned_files() -> Path:
+    """The folder that holds the pinned package.json and package-lock.json."""
+    packaged = Path(__file__).resolve().parent / "node"
+    return packaged if (packaged / "package-lock.json").is_file() else REPO_ROOT
+
+
+def install_pouchdb_server(home: Path, say: Callable[[str], None] = print) -> Path:
+    """Install the pinned PouchDB Server into `home`/node with the machine's npm
+    (`npm ci`: exactly the lockfile's versions), its progress on the terminal."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
+        raise EmbeddedServerError(
+            f"the embedded server is PouchDB Server, which needs Node.js 20 or later and npm: "
+            f"{missing} not found on PATH. Install them (Debian, Ubuntu: `apt install nodejs "
+            "npm`; elsewhere https://nodejs.org), or run After against an Apache CouchDB "
+            "(AFTER_COUCHDB_URL)"
+        )
+    target = home / "node"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in NPM_FILES:
+        shutil.copyfile(pinned_files() / name, target / name)
+    say(f"installing PouchDB Server {PINNED_VERSION}, pinned by package-lock.json, into {target}")
+    say("(npm ci: a minute or two, once)")
+    command = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error", "--progress=true"]
+    finished = subprocess.run(command, cwd=target, check=False)
+    if finished.returncode != 0:
+        raise EmbeddedServerError(
+            f"npm ci failed (exit {finished.returncode}) in {target}: see its output above"
+        )
+    return find_pouchdb_server(home)
 
 
 def free_port() -> int:

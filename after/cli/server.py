@@ -337,6 +337,13 @@ def couchdb(ctx: click.Context, port: int, data_dir: str | None, daemon: bool) -
     directory = (Path(data_dir).expanduser() if data_dir else paths.couchdb_dir).absolute()
     url = f"http://127.0.0.1:{port}/"
     running = running_supervisor(paths)
+    if not running:
+        # Installed from a wheel, not a checkout: the pinned server goes into AFTER_HOME once.
+        try:
+            script = embedded.find_pouchdb_server(paths.home)
+        except embedded.EmbeddedServerError:
+            script = embedded.install_pouchdb_server(paths.home, click.echo)
+        os.environ["AFTER_POUCHDB_SERVER"] = str(script)  # the supervisor's server, and a daemon's
     if running:
         pid, state = running
         click.echo(
