@@ -43,7 +43,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
@@ -100,13 +100,17 @@ class JobContext:
     """What a job may learn about the task it runs for (keyword-only ``context``).
 
     ``idempotency_key`` defaults to ``"<task_id>:<attempt>"``: the same for a retry of the
-    same attempt, different for a new attempt.
+    same attempt, different for a new attempt. ``couchdb_url`` (with the worker's
+    credentials, never shown in a repr) and ``database`` say where the task lives, for a
+    job that works on the worker's own CouchDB (``start_replication``).
     """
 
     task_id: str
     attempt: int
     worker: str
     idempotency_key: str = ""
+    couchdb_url: str = field(default="", repr=False)
+    database: str = ""
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:

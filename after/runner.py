@@ -230,6 +230,8 @@ class Runner:
             attempt=int(doc.get("attempt", 1)),
             worker=worker.name,
             idempotency_key=runs.idempotency_key(doc),
+            couchdb_url=worker.server_url,
+            database=worker.config.db,
         )
         if state.run_at is not None:
             wait_until(state.run_at.timestamp())  # the timer handed it over a moment early

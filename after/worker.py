@@ -48,7 +48,7 @@ from typing import Any
 from after import records, tasks
 from after.capacity import Pool
 from after.claiming import Claiming
-from after.config import Config
+from after.config import Config, with_credentials
 from after.conflicts import Conflicts
 from after.couch import BulkWriter, CouchError, NotFound, Server
 from after.feed import DDOC, Feed
@@ -102,6 +102,9 @@ class Worker:
         self.page_size = page_size
         self.state_file = state_file
         self.server = Server.from_config(config)
+        # The server's URL with our credentials, for jobs that use the worker's own
+        # CouchDB (JobContext.couchdb_url).
+        self.server_url = with_credentials(config.couchdb_url, config.user, config.password)
         self.db = self.server.database(config.db)
         self.jobs = JobLoader(config.jobs)
         self.writer = BulkWriter(self.db)

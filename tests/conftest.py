@@ -147,7 +147,7 @@ def new_task(**fields: Any) -> dict[str, Any]:
     task: dict[str, Any] = {
         "worker": "manobi",
         "date": "2011-10-12",
-        "job": {"name": "start_replication", "arguments": [2, 3, "test"]},
+        "job": {"name": "echo", "arguments": [2, 3, "test"]},
         "status": "waiting",
     }
     task.update(fields)

@@ -7,6 +7,7 @@ AFTER_HOME (pid files, logs and state files of its workers) and its own database
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,14 +25,14 @@ import requests
 from conftest import after_cli, new_task, wait_for
 
 import after
-from after.couch import Database, Server
+from after.couch import Database, NotFound, Server
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 COMMANDS = ["start", "stop", "log", "list", "clean", "push", "status", "setup", "couchdb"]
-# The README's example job and what it returns for [2, 3, "test"].
-REPLICATION = {"name": "start_replication", "arguments": [2, 3, "test"]}
-REPLICATION_RESULT = {"replication": "test", "source": 2, "target": 3, "started": True}
+# A job that returns its arguments.
+ECHO = {"name": "echo", "arguments": [2, 3, "test"]}
+ECHO_RESULT = [2, 3, "test"]
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -212,33 +213,57 @@ def fresh_db(server: Server) -> Iterator[Database]:
 # -- 1. the original README, step by step ----------------------------------------------
 
 
+@pytest.fixture
+def replication_target(server: Server, db: Database) -> Iterator[str]:
+    """The name of a database a replication creates; it and the `_replicator` documents
+    of the test are deleted afterwards."""
+    target = f"{db.name}-copy"
+    yield target
+    replicator = server.database("_replicator")
+    for row in replicator.all_docs(include_docs=True)["rows"]:
+        doc = row.get("doc") or {}
+        if isinstance(doc.get("source"), str) and db.name in doc["source"]:
+            replicator.server.json("DELETE", f"_replicator/{doc['_id']}?rev={doc['_rev']}")
+    with contextlib.suppress(NotFound):
+        server.database(target).delete()
+
+
 def test_readme_walkthrough_task_runs_at_its_date(
-    foreground: Foreground, couch_url: str, db: Database
+    foreground: Foreground, couch_url: str, db: Database, server: Server, replication_target: str
 ) -> None:
     """`after start manobi`, POST the README's task, GET it later: it is done.
 
     The job starts at the task's date, not before it and at most 50 ms after it;
-    the worker writes the outcome (times, duration, result) into the document.
+    the worker writes the outcome (times, duration, result) into the document. The
+    README's job, start_replication, really replicates: the tasks database into a copy.
     """
     worker = foreground.start("manobi")
     assert "start-up:" in foreground.output("manobi")
 
     date = iso(datetime.now(UTC) + timedelta(seconds=1.5))
-    task_id = post_task(couch_url, db, worker="manobi", date=date, job=REPLICATION)
+    job = {"name": "start_replication", "arguments": [db.name, replication_target, "test"]}
+    task_id = post_task(couch_url, db, worker="manobi", date=date, job=job)
 
     doc = wait_for(lambda: status_is(couch_url, db, task_id, "done"), timeout=10)
     for field in ("started_at", "finished_at", "duration_ms", "result"):
         assert field in doc, f"{field} missing from {doc}"
-    assert doc["result"] == REPLICATION_RESULT
+    result = doc["result"]
+    assert result["replication"] == "test" and result["started"] is True
+    assert (result["source"], result["target"]) == (db.name, replication_target)
+    assert server.database("_replicator").get(result["id"])["label"] == "test"
+    copy = server.database(replication_target)
+    # The design document arrives (the tasks, in their later statuses, only where the
+    # replication runs as a user with the replicator role: see docs/couchdb.md).
+    wait_for(lambda: copy.exists() and copy.get("_design/after") is not None, timeout=30)
     late = parse(doc["started_at"]) - parse(date)
     assert timedelta(0) <= late <= timedelta(milliseconds=50), f"started {late} after its date"
     assert parse(doc["finished_at"]) >= parse(doc["started_at"])
     assert doc["duration_ms"] >= 0
 
     # A date already past (the README's own "2011-10-12") runs at once.
-    overdue = post_task(couch_url, db, worker="manobi", date="2011-10-12", job=REPLICATION)
+    overdue = post_task(couch_url, db, worker="manobi", date="2011-10-12", job=ECHO)
     doc = wait_for(lambda: status_is(couch_url, db, overdue, "done"), timeout=3)
-    assert doc["result"] == REPLICATION_RESULT
+    assert doc["result"] == ECHO_RESULT
 
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0, foreground.output("manobi")
@@ -291,7 +316,7 @@ def test_daemon_life_cycle(
         )
     try:
         wait_for(lambda: "start-up:" in followed.read_text(), timeout=10)
-        task_id = post_task(couch_url, db, worker="w1", date="2011-10-12", job=REPLICATION)
+        task_id = post_task(couch_url, db, worker="w1", date="2011-10-12", job=ECHO)
         wait_for(lambda: status_is(couch_url, db, task_id, "done"), timeout=10)
         wait_for(lambda: f"task {task_id} done" in followed.read_text(), timeout=5)
     finally:
@@ -323,7 +348,7 @@ def test_a_killed_worker_leaves_a_stale_pid_file_and_its_tasks_are_taken_over(
     quick_leases = ("--heartbeat", "0.5", "--lease", "2")  # a dead instance is known in 2 s
     first = foreground.start("w2", *quick_leases)
     date = iso(datetime.now(UTC) + timedelta(seconds=60))
-    task_id = post_task(couch_url, db, worker="w2", date=date, job=REPLICATION)
+    task_id = post_task(couch_url, db, worker="w2", date=date, job=ECHO)
     owner = wait_for(lambda: status_is(couch_url, db, task_id, "scheduled"), timeout=10)["owner"]
 
     first.kill()  # no chance to hand anything back
@@ -358,7 +383,7 @@ def test_list_shows_the_done_count_within_about_a_second(
     # A long heartbeat: nothing but the task itself happens in the worker meanwhile.
     foreground.start("w1", "--heartbeat", "30", "--lease", "60")
     assert list_rows(env)["w1"]["done"] == "0"
-    task_id = post_task(couch_url, db, worker="w1", date="2011-10-12", job=REPLICATION)
+    task_id = post_task(couch_url, db, worker="w1", date="2011-10-12", job=ECHO)
     wait_for(lambda: status_is(couch_url, db, task_id, "done"), timeout=10)
     wait_for(lambda: list_rows(env)["w1"]["done"] == "1", timeout=3)
 
@@ -561,7 +586,7 @@ def test_sigterm_hands_held_tasks_back_to_waiting(
 ) -> None:
     worker = foreground.start("manobi")
     date = iso(datetime.now(UTC) + timedelta(seconds=60))
-    task_id = post_task(couch_url, db, worker="manobi", date=date, job=REPLICATION)
+    task_id = post_task(couch_url, db, worker="manobi", date=date, job=ECHO)
     held = wait_for(lambda: status_is(couch_url, db, task_id, "scheduled"), timeout=10)
     assert held["owner"].startswith("manobi@")
 
@@ -581,7 +606,7 @@ def test_a_restarted_worker_takes_the_handed_back_task(
     """After a graceful stop the next worker of that name claims the task again."""
     first = foreground.start("manobi")
     date = iso(datetime.now(UTC) + timedelta(seconds=60))
-    task_id = post_task(couch_url, db, worker="manobi", date=date, job=REPLICATION)
+    task_id = post_task(couch_url, db, worker="manobi", date=date, job=ECHO)
     owner = wait_for(lambda: status_is(couch_url, db, task_id, "scheduled"), timeout=10)["owner"]
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0

@@ -5,9 +5,11 @@ None of these tests needs a CouchDB server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -17,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from after import jobs
+from after.couch import NotFound, Server
 from after.jobs import (
     JOB_NAME,
     BadJob,
@@ -83,20 +87,69 @@ CONTEXT = JobContext(task_id="task-1", attempt=2, worker="manobi")
 # -- the example jobs -------------------------------------------------------------------------
 
 
-def test_start_replication_is_the_readme_example(examples: JobLoader) -> None:
-    result = run_job(examples.load("start_replication"), [2, 3, "test"], CONTEXT)
-    assert result == {"replication": "test", "source": 2, "target": 3, "started": True}
+@pytest.fixture
+def replication(couch_url: str, server: Server, db_name: str) -> Iterator[dict[str, Any]]:
+    """A source database with one document, the name of a target, and a context as a
+    worker gives it; the databases and `_replicator` documents made are deleted after."""
+    source = server.database(db_name + "-source")
+    source.create()
+    source.put({"_id": "greeting", "text": "hello"})
+    target = db_name + "-target"
+    context = JobContext(
+        task_id=f"task-{db_name}", attempt=1, worker="manobi", couchdb_url=couch_url
+    )
+    yield {"source": source.name, "target": target, "context": context}
+    replicator = server.database("_replicator")
+    for row in replicator.all_docs(include_docs=True)["rows"]:
+        doc = row.get("doc") or {}
+        if doc.get("task") == context.task_id:
+            server.json("DELETE", f"_replicator/{doc['_id']}?rev={doc['_rev']}")
+    for name in (source.name, target):
+        with contextlib.suppress(NotFound):
+            server.database(name).delete()
 
 
-def test_start_replication_accepts_any_json_values(examples: JobLoader) -> None:
-    arguments = [{"db": "a"}, "http://b/db", None]
-    result = run_job(examples.load("start_replication"), arguments, CONTEXT)
-    assert result == {
-        "replication": None,
-        "source": {"db": "a"},
-        "target": "http://b/db",
-        "started": True,
-    }
+def test_start_replication_replicates_on_the_workers_own_couchdb(
+    examples: JobLoader, server: Server, replication: dict[str, Any]
+) -> None:
+    job = examples.load("start_replication")
+    arguments = [replication["source"], replication["target"], "nightly"]
+    result = run_job(job, arguments, replication["context"])
+    assert result["replication"] == "nightly" and result["started"] is True
+    assert (result["source"], result["target"]) == tuple(arguments[:2])
+    document = server.database("_replicator").get(result["id"])
+    assert document["label"] == "nightly" and document["create_target"] is True
+    copy = server.database(replication["target"])
+    wait_for(lambda: copy.exists() and copy.get("greeting") is not None, timeout=30)
+    assert copy.get("greeting")["text"] == "hello"
+    # A retry of the same attempt finds its replication; it does not start a second one.
+    assert run_job(job, arguments, replication["context"])["id"] == result["id"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        ([2, 3, "test"], "source: 2 is neither a database name"),
+        (["tasks", "Not A Name", "x"], "target: 'Not A Name' is neither a database name"),
+        (["tasks", {"db": "b"}, "x"], "target: {'db': 'b'} is neither a database name"),
+    ],
+)
+def test_start_replication_names_the_argument_it_cannot_use(
+    examples: JobLoader, arguments: list[Any], reason: str
+) -> None:
+    context = JobContext(task_id="t", attempt=1, worker="w", couchdb_url="http://127.0.0.1:1/")
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        run_job(examples.load("start_replication"), arguments, context)
+
+
+def test_start_replication_outside_a_worker_says_what_it_needs(examples: JobLoader) -> None:
+    with pytest.raises(RuntimeError, match="needs the worker's CouchDB"):
+        run_job(examples.load("start_replication"), ["a", "b", "c"], CONTEXT)
+
+
+def test_the_context_never_shows_the_workers_credentials() -> None:
+    context = JobContext(task_id="t", attempt=1, worker="w", couchdb_url="http://u:secret@h/")
+    assert "secret" not in repr(context)
 
 
 def test_echo_returns_and_logs_its_arguments(

@@ -60,7 +60,7 @@ def test_a_repeat_waits_between_runs(db: Database, start_worker: StartWorker) ->
     doc = wait_for(lambda: (d := db.get(task_id)) and d.get("runs") == 1 and d)
     assert doc["status"] in ("waiting", "scheduled")
     assert parse_date(doc["date"]) - parse_date(doc["anchor"]) == timedelta(hours=1)
-    assert doc["result"]["started"] is True
+    assert doc["result"] == [2, 3, "test"]
 
 
 def test_a_failed_attempt_is_retried_with_backoff_then_fails_for_good(

@@ -122,7 +122,7 @@ def test_late_tasks_are_waiting_or_held_past_their_date_oldest_first(
     assert late[0]["late_seconds"] == 3600.0
     assert late[1]["late_seconds"] == 30.0
     assert late[1]["owner"] == "beta@host:1:aaaa" and late[1]["status"] == "scheduled"
-    assert late[0]["job"] == "start_replication" and late[0]["arguments"] == [2, 3, "test"]
+    assert late[0]["job"] == "echo" and late[0]["arguments"] == [2, 3, "test"]
     # The running task and the one due in 2030 are not late.
     assert populated["running"] not in {task["id"] for task in late}
 

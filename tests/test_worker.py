@@ -45,7 +45,7 @@ def test_a_due_task_runs_at_its_date_and_records_its_outcome(
     started = parse_date(doc["started_at"])
     assert started >= parse_date(date)
     assert started - parse_date(date) < timedelta(milliseconds=50)
-    assert doc["result"] == {"replication": "test", "source": 2, "target": 3, "started": True}
+    assert doc["result"] == [2, 3, "test"]
     assert parse_date(doc["finished_at"]) >= started
     assert doc["duration_ms"] >= 0
     assert doc["attempt"] == 1
@@ -55,7 +55,7 @@ def test_a_due_task_runs_at_its_date_and_records_its_outcome(
 def test_a_task_with_a_past_date_runs_at_once(db: Database, start_worker: StartWorker) -> None:
     start_worker()
     task_id = create(db, date="2011-10-12")
-    assert wait_status(db, task_id, "done", timeout=5)["result"]["started"] is True
+    assert wait_status(db, task_id, "done", timeout=5)["result"] == [2, 3, "test"]
 
 
 def test_a_task_with_a_null_force_field_runs(db: Database, start_worker: StartWorker) -> None:
