@@ -103,3 +103,26 @@ def test_without_node_the_embedded_server_says_what_to_install(
     assert result.returncode == 1
     assert "needs Node.js 20 or later and npm: node and npm not found on PATH" in result.stderr
     assert "apt install nodejs npm" in result.stderr and "AFTER_COUCHDB_URL" in result.stderr
+
+
+def make_plan(target: str) -> str:
+    """What `make TARGET` would run in a fresh checkout (a dry run, every step forced)."""
+    plan = subprocess.run(
+        ["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert plan.returncode == 0, plan.stderr
+    return plan.stdout
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    run_plan = make_plan("run")
+    assert "pip install --quiet -e .\n" in run_plan
+    assert "[dev]" not in run_plan and "[bench]" not in run_plan
+    assert "npm ci" in run_plan and "after start manobi --foreground" in run_plan
+
+
+def test_make_test_and_make_bench_add_their_extras() -> None:
+    test_plan = make_plan("test")
+    assert "-e '.[dev]'" in test_plan and "-e '.[bench]'" in test_plan
+    bench_plan = make_plan("bench")
+    assert "-e '.[bench]'" in bench_plan and "[dev]" not in bench_plan
