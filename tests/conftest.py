@@ -9,6 +9,7 @@ unique names and deletes afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 
 from after import embedded
 from after.config import Config, split_credentials
-from after.couch import Database, Server
+from after.couch import Conflict, Database, NotFound, Server
 from after.push import push
 from after.worker import Worker
 
@@ -211,3 +212,23 @@ def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., subprocess.P
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+def delete_replications(server: Server, made_by: Callable[[dict[str, Any]], bool]) -> None:
+    """Delete the `_replicator` documents a test made. The server updates a
+    replication's state in its document as it runs, so a delete may meet a newer
+    revision: read it again and retry."""
+    replicator = server.database("_replicator")
+    for _ in range(20):
+        mine = [
+            row["doc"]
+            for row in replicator.all_docs(include_docs=True)["rows"]
+            if row.get("doc") and not row["id"].startswith("_design/") and made_by(row["doc"])
+        ]
+        if not mine:
+            return
+        for doc in mine:
+            with contextlib.suppress(Conflict, NotFound):
+                server.json("DELETE", f"_replicator/{doc['_id']}?rev={doc['_rev']}")
+        time.sleep(0.1)
+    raise AssertionError(f"the test's replications could not be deleted: {mine}")

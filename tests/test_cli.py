@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import after_cli, new_task, wait_for
+from conftest import after_cli, delete_replications, new_task, wait_for
 
 import after
 from after.couch import Database, NotFound, Server
@@ -219,11 +219,7 @@ def replication_target(server: Server, db: Database) -> Iterator[str]:
     of the test are deleted afterwards."""
     target = f"{db.name}-copy"
     yield target
-    replicator = server.database("_replicator")
-    for row in replicator.all_docs(include_docs=True)["rows"]:
-        doc = row.get("doc") or {}
-        if isinstance(doc.get("source"), str) and db.name in doc["source"]:
-            replicator.server.json("DELETE", f"_replicator/{doc['_id']}?rev={doc['_rev']}")
+    delete_replications(server, lambda doc: db.name in str(doc.get("source")))
     with contextlib.suppress(NotFound):
         server.database(target).delete()
 

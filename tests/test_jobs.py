@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import delete_replications, wait_for
 
 from after import jobs
 from after.couch import NotFound, Server
@@ -99,11 +99,7 @@ def replication(couch_url: str, server: Server, db_name: str) -> Iterator[dict[s
         task_id=f"task-{db_name}", attempt=1, worker="manobi", couchdb_url=couch_url
     )
     yield {"source": source.name, "target": target, "context": context}
-    replicator = server.database("_replicator")
-    for row in replicator.all_docs(include_docs=True)["rows"]:
-        doc = row.get("doc") or {}
-        if doc.get("task") == context.task_id:
-            server.json("DELETE", f"_replicator/{doc['_id']}?rev={doc['_rev']}")
+    delete_replications(server, lambda doc: doc.get("task") == context.task_id)
     for name in (source.name, target):
         with contextlib.suppress(NotFound):
             server.database(name).delete()
