@@ -53,7 +53,21 @@ QUANTILES = (0.5, 0.9, 0.99)
 def collect(db: Database, at: datetime | None = None, window: float = WINDOW) -> list[Metric]:
     """Every metric of `db` at `at` (default: now)."""
     at = at or now()
-    return [*task_metrics(db, at), *run_metrics(db, at, window), *instance_metrics(db, at)]
+    counts = worker_counts(db)
+    return [
+        *task_metrics(db, at, counts),
+        *run_metrics(db, at, window, list(counts)),
+        *instance_metrics(db, at),
+    ]
+
+
+def worker_counts(db: Database) -> dict[str, dict[str, int]]:
+    """Tasks by worker, then status: one grouped reduce of `by_worker`."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in db.view(DDOC, "by_worker", group_level=2)["rows"]:
+        worker, task_status = row["key"]
+        counts.setdefault(str(worker), {})[str(task_status)] = row["value"]
+    return counts
 
 
 def render(metrics: Iterable[Metric]) -> str:
@@ -81,11 +95,7 @@ def write_textfile(path: Path, text: str) -> None:
 # -- the metrics --------------------------------------------------------------------------
 
 
-def task_metrics(db: Database, at: datetime) -> Iterator[Metric]:
-    counts: dict[str, dict[str, int]] = {}
-    for row in db.view(DDOC, "by_worker", group_level=2)["rows"]:
-        worker, task_status = row["key"]
-        counts.setdefault(str(worker), {})[str(task_status)] = row["value"]
+def task_metrics(db: Database, at: datetime, counts: dict[str, dict[str, int]]) -> Iterator[Metric]:
     tasks = GaugeMetricFamily(
         "after_tasks", "Tasks by worker and status.", labels=["worker", "status"]
     )
@@ -124,11 +134,10 @@ def task_metrics(db: Database, at: datetime) -> Iterator[Metric]:
     yield oldest
 
 
-def run_metrics(db: Database, at: datetime, window: float) -> Iterator[Metric]:
+def run_metrics(db: Database, at: datetime, window: float, workers: list[str]) -> Iterator[Metric]:
     since = iso(at - timedelta(seconds=window))
     durations: dict[str, list[float]] = {}
     delays: dict[str, list[float]] = {}
-    workers = [row["key"][0] for row in db.view(DDOC, "by_worker", group_level=1)["rows"]]
     for worker in workers:
         rows = db.view(
             DDOC, "runs", startkey=["worker", worker, since], endkey=["worker", worker, {}]
