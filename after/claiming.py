@@ -76,6 +76,8 @@ class Claiming:
         doc = state.doc
         if worker.stopping.is_set():
             return worker.forget(task_id)
+        if worker.quorum.lost:  # our node is cut off: what we claim, the other side may too
+            return self.claim_later(task_id, CLAIM_FALLBACK, anyway=False)
         if doc.get("status") in ("waiting", "reschedule"):
             if not membership.claims_first(task_id):
                 # Another live instance claims this one first; take it only if it
@@ -101,6 +103,8 @@ class Claiming:
         claimed and committed in one write (`waiting` -> `running`): a burst's late
         claims and a task due now cost one write and one round trip, not two."""
         worker = self.worker
+        if not worker.quorum.clear_to_claim(task_id, state):
+            return
         doc, now = state.doc, tasks.now()
         claim = tasks.claim_update(doc, worker.instance, now)
         due = tasks.parse_date(doc["date"])
@@ -180,9 +184,10 @@ class Claiming:
             status not in ("waiting", "reschedule") and not taking_over
         ) or worker.stopping.is_set():
             return
-        if worker.membership.first_claimer_may_be_at_work(task_id):
+        if worker.quorum.lost or worker.membership.first_claimer_may_be_at_work(task_id):
             # Its instance is alive and still claiming (a burst), or our news is too
             # late to tell: it gets to this one soon, and racing it makes conflicts.
+            # (Or our node is cut off from its cluster: nothing is claimed meanwhile.)
             return self.claim_later(task_id, CLAIM_FALLBACK, anyway)
         if anyway or self.has_room_for(state.doc):
             if taking_over:

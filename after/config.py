@@ -10,6 +10,9 @@
 | AFTER_JOBS                | jobs            | ./jobs                    |
 | AFTER_HOME                | home            | ~/.after                  |
 
+AFTER_COUCHDB_URL may name the nodes of one CouchDB cluster, comma-separated: a
+worker uses the first and moves to the next when its node stops answering.
+
 The config file is TOML, named by AFTER_CONFIG, by default ~/.after/config.toml
 when it exists. A file that holds a password (the `password` key or a password
 in `couchdb_url`) must be readable by its owner only (chmod 600): otherwise it
@@ -168,12 +171,34 @@ class Config:
         return with_credentials(self.couchdb_url, self.user, "***" if self.password else None)
 
     @property
+    def couchdb_urls(self) -> list[str]:
+        """The node URLs, without credentials: one, or the nodes of a cluster to fail
+        over between (after.couch.Server)."""
+        return node_urls(self.couchdb_url)
+
+    @property
     def auth(self) -> tuple[str, str] | None:
         return (self.user, self.password or "") if self.user else None
 
 
+def node_urls(urls: str) -> list[str]:
+    """The URLs of a comma-separated list (the nodes of one CouchDB cluster)."""
+    return [url.strip() for url in urls.split(",") if url.strip()]
+
+
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """Take `user:password@` out of a URL: (url without them, user, password)."""
+    """Take `user:password@` out of a URL: (url without them, user, password).
+
+    A comma-separated list of node URLs gives each URL without credentials, joined
+    again, and the first user and password found (one cluster has one set of users).
+    """
+    if "," in url:
+        split = [split_credentials(one) for one in node_urls(url)]
+        if not split:
+            raise ConfigError("the CouchDB URL list is empty")
+        user = next((u for _, u, _ in split if u is not None), None)
+        password = next((p for _, u, p in split if p is not None and u == user), None)
+        return ",".join(plain for plain, _, _ in split), user, password
     parts = urlsplit(url if "://" in url else f"http://{url}")
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
@@ -188,6 +213,8 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
 def with_credentials(url: str, user: str | None, password: str | None) -> str:
     if not user:
         return url
+    if "," in url:
+        return ",".join(with_credentials(one, user, password) for one in node_urls(url))
     parts = urlsplit(url)
     userinfo = quote(user, safe="")
     if password is not None:

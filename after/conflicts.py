@@ -61,7 +61,7 @@ class Conflicts:
                 worker.writer.write(loser, lambda row: None)
             return worker.decide(task_id, state)
         if updated.get("status") != winner.get("status"):
-            log.info("task %s: a losing revision ended the run the winner has under way", task_id)
+            log.info("task %s: a losing revision got further with it than the winner", task_id)
             state.resolving = True  # that run's end, not ours: forgotten once written
         state.losers = losers
         worker.writes.write(task_id, updated)

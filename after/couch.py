@@ -26,7 +26,7 @@ from urllib.parse import quote
 import requests
 import urllib3
 
-from after.config import Config, redact
+from after.config import Config, node_urls, redact
 
 Doc = dict[str, Any]
 log = logging.getLogger("after.couch")
@@ -143,6 +143,12 @@ def _refusal(response: requests.Response, what: str) -> CouchError:
 class Server:
     """A CouchDB server: one pooled HTTP session, credentials never shown.
 
+    `url` may list the nodes of one cluster (a list, or comma-separated): requests
+    go to one node, and a node that does not answer (refused, timed out) makes the
+    next one current, so the caller's retry goes there (`failed`). Sequences and
+    documents are the cluster's, not a node's, so a changes feed resumes on the
+    next node from the last sequence it processed.
+
     `auth` = (name, password) is sent as Basic auth on every request, or, with
     `cookie=True`, exchanged once for an AuthSession cookie (`POST /_session`)
     that the following requests carry; a 401 logs in again, once, and repeats
@@ -152,13 +158,18 @@ class Server:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         auth: tuple[str, str] | None = None,
         timeout: float = 30.0,
         *,
         cookie: bool = False,
     ) -> None:
-        self.url = url if url.endswith("/") else url + "/"
+        urls = node_urls(url) if isinstance(url, str) else url
+        if not urls:
+            raise ValueError("no CouchDB URL given")
+        self.urls = [one if one.endswith("/") else one + "/" for one in urls]
+        self.node = 0  # the index in `urls` of the node requests go to
+        self._node_lock = threading.Lock()
         self.timeout = timeout
         self.session = requests.Session()
         self.credentials = auth
@@ -177,7 +188,8 @@ class Server:
         requests would, instead of on every request: at hundreds of writes a second
         those look-ups were a tenth of the writer thread's CPU."""
         session = self.session
-        session.proxies.update(requests.utils.get_environ_proxies(self.url))
+        for url in reversed(self.urls):  # one cluster: the nodes share one proxy set-up
+            session.proxies.update(requests.utils.get_environ_proxies(url))
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         if bundle:
             session.verify = bundle
@@ -187,7 +199,28 @@ class Server:
 
     @classmethod
     def from_config(cls, config: Config, timeout: float = 30.0) -> Server:
-        return cls(config.couchdb_url, config.auth, timeout, cookie=config.auth_method == "cookie")
+        return cls(config.couchdb_urls, config.auth, timeout, cookie=config.auth_method == "cookie")
+
+    @property
+    def url(self) -> str:
+        """The URL of the node requests go to now."""
+        return self.urls[self.node]
+
+    @property
+    def node_url(self) -> str:
+        """The current node's URL as it may be shown (no credentials are in it)."""
+        return redact(self.url)
+
+    def failed(self, url: str) -> None:
+        """The node at `url` did not answer: the next node (if any) becomes current.
+        Only once per failure: threads that saw the same node fail move on once."""
+        with self._node_lock:
+            if len(self.urls) < 2 or self.url != url:
+                return
+            self.node = (self.node + 1) % len(self.urls)
+            log.warning(
+                "CouchDB node %s does not answer; moving to %s", redact(url), redact(self.url)
+            )
 
     @property
     def display_url(self) -> str:
@@ -210,13 +243,15 @@ class Server:
             name, password = self.credentials
             what = f"POST {self.display_url}_session"
             self.session.cookies.clear()
+            node = self.url
             try:
                 response = self.session.post(
-                    self.url + "_session",
+                    node + "_session",
                     data={"name": name, "password": password},
                     timeout=self.timeout,
                 )
             except requests.RequestException as exc:
+                self.failed(node)
                 raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
             if response.status_code >= 400:
                 raise _refusal(response, what)
@@ -236,7 +271,8 @@ class Server:
         headers: dict[str, str] | None = None,
     ) -> requests.Response:
         """Send one request; raise a CouchError subclass for any error status."""
-        url = self.url + path.lstrip("/")
+        node = self.url
+        url = node + path.lstrip("/")
         what = f"{method} {self.display_url}{path.lstrip('/')}"
         if body is not None and not isinstance(body, bytes):
             try:
@@ -263,8 +299,10 @@ class Server:
                     # A kept-alive connection the server closed just as it was reused
                     # (Node closes idle ones after 5 s): nothing was answered; once more.
                     return send(again=False)
+                self.failed(node)
                 raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
             except requests.RequestException as exc:
+                self.failed(node)
                 raise Unreachable(0, "unreachable", _plain_reason(exc), what) from None
 
         if self.cookie and self.logins == 0:
@@ -384,9 +422,28 @@ class Database:
 
     def put(self, doc: Doc) -> str:
         """Write a document (with its `_rev` if it has one); return the new revision."""
-        result = self._json("PUT", _doc_path(doc["_id"]), body=doc)
-        doc["_rev"] = result["rev"]
-        return result["rev"]
+        self.put_confirmed(doc)
+        return doc["_rev"]
+
+    def put_confirmed(self, doc: Doc) -> bool:
+        """Write a document as `put` does (its `_rev` set to the new revision); whether
+        the write reached the cluster's write quorum. A node cut off from the others
+        stores the write all the same and answers 202 instead of 201: False."""
+        response = self.server.request("PUT", f"{self.path}/{_doc_path(doc['_id'])}", body=doc)
+        doc["_rev"] = response.json()["rev"]
+        return response.status_code != 202
+
+    def leaves(self, doc_id: str) -> list[Doc]:
+        """Every leaf revision of a document not deleted, as merged from the copies
+        that answered (a quorum of them on a cluster): a conflict that reached any
+        of those copies is among them."""
+        rows = self._json(
+            "GET",
+            _doc_path(doc_id),
+            params={"open_revs": "all"},
+            headers={"Accept": "application/json"},  # not multipart/mixed
+        )
+        return [row["ok"] for row in rows if "ok" in row and not row["ok"].get("_deleted")]
 
     def post(self, doc: Doc) -> tuple[str, str]:
         result = self._json("POST", body=doc)
@@ -512,6 +569,7 @@ class Database:
         (`filter=_selector`, see Server.serves_selector_feeds).
         """
         query = {"feed": "continuous", "since": since, "heartbeat": heartbeat_ms, **params}
+        node = self.server.url
         if selector is not None:
             query["filter"] = "_selector"
         response = self.server.request(
@@ -543,6 +601,7 @@ class Database:
                     return  # the server ended the feed; the caller reconnects
                 yield change
         except requests.RequestException as exc:
+            self.server.failed(node)  # no heartbeat for three of them: that node is stuck
             raise Unreachable(
                 0, "unreachable", _plain_reason(exc), f"{self} changes feed"
             ) from None
@@ -560,6 +619,13 @@ def refused_as_is(row: dict[str, Any]) -> bool:
     large), rather than by a rule or a conflict: the same write would be refused again."""
     error = row.get("error")
     return bool(error) and error not in _REFUSED_BY_RULE
+
+
+def unconfirmed(row: dict[str, Any]) -> bool:
+    """Whether a `_bulk_docs` write was stored without reaching the cluster's write
+    quorum: a node cut off from the others answers it `"accepted": true`. The other
+    side of the partition may accept a different write of the same document."""
+    return bool(row.get("accepted")) and not row.get("error")
 
 
 def _error_row(doc: Doc, error: str, reason: str) -> dict[str, Any]:

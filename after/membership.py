@@ -48,7 +48,15 @@ class Membership:
         self.peer_seen: dict[str, tuple[tuple[Any, Any], float]] = {}
         self.unknown_since: dict[str, float] = {}  # owners with no record: since when
         # The lease is renewed through its own HTTP session, on its own thread.
-        self.lease_server = Server.from_config(worker.config)
+        # With the nodes of a cluster to fail over to, a renewal that takes longer than
+        # half the lease's slack goes to the next node: the lease must not run out
+        # waiting for a stuck node. (One node: the usual deadline; retrying there gains
+        # nothing.)
+        slack = (worker.lease.total_seconds() - worker.heartbeat) / 2
+        several = len(worker.config.couchdb_urls) > 1
+        self.lease_server = Server.from_config(
+            worker.config, timeout=max(1.0, min(30.0, slack)) if several else 30.0
+        )
         self.claim_order: list[str] = [worker.instance]  # live instances of this name, sorted
         self.first_claimers: dict[str, str] = {}  # task id -> its first claimer, for claim_order
         self.awaiting_peers: set[str] = set()  # tasks whose owner we have not heard of yet
@@ -61,7 +69,7 @@ class Membership:
     def put_record(self, record: Doc) -> None:
         records_db = self.lease_server.database(self.worker.db.name)
         try:
-            records_db.put(record)
+            confirmed = records_db.put_confirmed(record)
         except Conflict:
             # Someone else wrote our record (a peer marked it lost while we could
             # not renew it): keep their revision, write ours over it.
@@ -70,8 +78,9 @@ class Membership:
                 if current.get("reaped_by"):
                     log.warning("this instance was presumed lost by %s", current["reaped_by"])
                 record["_rev"] = current["_rev"]
-            records_db.put(record)
+            confirmed = records_db.put_confirmed(record)
         self.record = record
+        self.worker.quorum.answered(confirmed)  # a renewal answered 202: we are cut off
 
     def renew_record(self) -> None:
         worker = self.worker
@@ -117,6 +126,11 @@ class Membership:
         """
         worker = self.worker
         now, seen_at = tasks.now(), time.monotonic()
+        cut_off = worker.quorum.lost
+        if cut_off:
+            # The peers' renewals cannot reach our node: what their records say proves
+            # nothing now, and each gets a whole lease again once the quorum is back.
+            self.peer_seen.clear()
         alive: dict[str, bool] = {}
         expired: list[Doc] = []
         rows = worker.db.all_docs(include_docs=True, **records.name_range(worker.name))
@@ -129,8 +143,13 @@ class Membership:
             if self.peer_seen.get(instance, (None, 0.0))[0] != stamp:
                 self.peer_seen[instance] = (stamp, seen_at)
             unchanged_for = seen_at - self.peer_seen[instance][1]
-            dead = not records.is_live(record, now) and (
-                record.get("state") != "running" or unchanged_for >= worker.lease.total_seconds()
+            dead = (
+                not cut_off
+                and not records.is_live(record, now)
+                and (
+                    record.get("state") != "running"
+                    or unchanged_for >= worker.lease.total_seconds()
+                )
             )
             alive[instance] = not dead
             if dead and records.needs_takeover(record, now):

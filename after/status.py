@@ -195,6 +195,7 @@ def _instance(record: Doc, at: datetime) -> dict[str, Any]:
         "name": record.get("name"),
         "host": record.get("host"),
         "pid": record.get("pid"),
+        "node": record.get("node"),
         "state": instance_state(record, at),
         "last_seen": record.get("last_seen"),
         "heartbeat_age_seconds": seconds_of(at - seen) if seen else None,
@@ -334,7 +335,8 @@ def render(data: dict[str, Any], title: str | None = None) -> RenderableType:
 
     if data["instances"]:
         instances = Table(title="worker instances", title_justify="left")
-        for column in ("worker", "instance", "state", "heartbeat", "held", "done", "failed"):
+        columns = ("worker", "instance", "node", "state", "heartbeat", "held", "done", "failed")
+        for column in columns:
             instances.add_column(
                 column, justify="right" if column in ("held", "done", "failed") else "left"
             )
@@ -343,6 +345,7 @@ def render(data: dict[str, Any], title: str | None = None) -> RenderableType:
             instances.add_row(
                 item["name"],
                 Text(str(item["instance"]), style="dim"),
+                Text(str(item.get("node") or "-"), style="dim"),
                 Text(item["state"], style=STATE_STYLES.get(item["state"], "")),
                 f"{format_age(age)} ago" if age is not None else "never",
                 *(

@@ -300,23 +300,35 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     (the same on every node) stays, each losing revision is deleted, and what the
     losers were doing is recorded on the winner, so a duplicate claim or run is visible.
 
-    One exception: when the winner says an instance is running an attempt and a loser
-    is that same run's end (`done` or `err`, same owner, same attempt), the winner takes
-    the loser's content. The winner is then only older news about that run, and keeping
-    it would leave the task `running` under an instance that has finished it.
+    Two exceptions:
+    - the winner says an instance is running an attempt and a loser is that same run's
+      end (`done` or `err`, same owner, same attempt): the winner takes the loser's
+      content. The winner is then only older news about that run, and keeping it
+      would leave the task `running` under an instance that has finished it;
+    - the winner is not final and a loser got further with the task (`progress`): it
+      ran, ended or committed a run the winner's side never did. That loser is kept
+      and the winner deleted. The winner's side then only claimed or handed back the
+      task (a claim a partition's minority side could not confirm, after.quorum), and
+      keeping it would run the task again. (Kept as its own revision, not as the
+      winner's content: the status change may be one no worker may write, such as
+      waiting -> done.)
 
-    Conflicts arise only between replicated nodes or in a partitioned cluster,
-    where two writes based on the same revision can both be accepted. The record
-    holds no time, so two resolutions of one conflict write the same content.
+    Conflicts arise only between replicated nodes or in a cluster (a partition, or
+    two claims through two nodes at once), where two writes based on the same
+    revision can both be accepted. The record holds no time, so two resolutions of
+    one conflict write the same content.
     """
+    ended = run_ended_in(winner, losers)
+    keep = (None if ended is not None else furthest(winner, losers)) or winner
+    gone = [doc for doc in (winner, *losers) if doc is not keep]
     seen = [
         {
-            "rev": loser["_rev"],
-            "status": loser.get("status"),
-            "owner": loser.get("owner"),
-            "attempt": loser.get("attempt"),
+            "rev": doc["_rev"],
+            "status": doc.get("status"),
+            "owner": doc.get("owner"),
+            "attempt": doc.get("attempt"),
         }
-        for loser in losers
+        for doc in gone
     ]
     # A loser may itself record an earlier resolution (the other replica's): keep those too.
     earlier = [
@@ -328,13 +340,12 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     recorded: dict[Any, dict[str, Any]] = {}
     for entry in [*earlier, *seen]:
         recorded.setdefault(entry.get("rev"), entry)
-    ended = run_ended_in(winner, losers)
-    base = winner if ended is None else {**ended, "_rev": winner["_rev"]}
+    base = keep if ended is None else {**ended, "_rev": winner["_rev"]}
     kept = {k: v for k, v in base.items() if k != "_conflicts"}
     updated = _update(kept, conflicts_resolved=list(recorded.values())[-20:])
     deletions = [
-        {"_id": loser["_id"], "_rev": loser["_rev"], "_deleted": True, "resolves_conflict": True}
-        for loser in losers
+        {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True, "resolves_conflict": True}
+        for doc in gone
     ]
     return [updated, *deletions]
 
@@ -352,6 +363,27 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
         and loser.get("attempt") == winner.get("attempt")
     ]
     return max(ends, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
+
+
+def progress(doc: Doc) -> tuple[str, int]:
+    """How far a revision got with its task: the end of its last run, then its attempt
+    count. Two sides of one conflict share their history up to where they split, so the
+    side with a later run end or more attempts ran or committed a run the other did not."""
+    finished = doc.get("finished_at")
+    attempt = doc.get("attempt")
+    return (
+        finished if isinstance(finished, str) else "",
+        attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 0,
+    )
+
+
+def furthest(winner: Doc, losers: list[Doc]) -> Doc | None:
+    """The losing revision that got further than a winner not final yet, or None; of
+    several, the furthest, then the latest revision (the same choice on every node)."""
+    if winner.get("status") in ("done", "err", "canceled"):
+        return None
+    ahead = [loser for loser in losers if progress(loser) > progress(winner)]
+    return max(ahead, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]), default=None)
 
 
 def rev_number(rev: str | None) -> int:

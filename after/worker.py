@@ -7,7 +7,8 @@ A task's life, in the order it happens, and where each step lives:
 3. after.claiming: the claim (`scheduled`, or `running` at once when due now);
 4. after.runner: held in the timer, committed (`running`), run, its outcome;
 5. after.runs: what the outcome makes of it (done, err, a retry, the next occurrence);
-6. after.writes: every write and what its answer means;
+6. after.writes: every write and what its answer means (after.quorum: one a cluster
+   node stored without its quorum);
 7. after.conflicts: conflicting revisions between replicas resolved;
 8. after.membership: the instance's record and lease, its peers, takeovers.
 
@@ -54,6 +55,7 @@ from after.couch import BulkWriter, CouchError, NotFound, Server
 from after.feed import DDOC, Feed
 from after.jobs import JobLoader
 from after.membership import CLAIM_FALLBACK, Membership
+from after.quorum import Quorum
 from after.runner import Runner
 from after.scheduler import Scheduler
 from after.tasks import Doc, Local, Step, TaskState
@@ -102,9 +104,6 @@ class Worker:
         self.page_size = page_size
         self.state_file = state_file
         self.server = Server.from_config(config)
-        # The server's URL with our credentials, for jobs that use the worker's own
-        # CouchDB (JobContext.couchdb_url).
-        self.server_url = with_credentials(config.couchdb_url, config.user, config.password)
         self.db = self.server.database(config.db)
         self.jobs = JobLoader(config.jobs)
         self.writer = BulkWriter(self.db)
@@ -133,6 +132,13 @@ class Worker:
         self.runner = Runner(self)
         self.writes = Writes(self)
         self.conflicts = Conflicts(self)
+        self.quorum = Quorum(self)
+
+    @property
+    def server_url(self) -> str:
+        """The URL of the node in use, with our credentials, for jobs that use the
+        worker's own CouchDB (JobContext.couchdb_url)."""
+        return with_credentials(self.server.url, self.config.user, self.config.password)
 
     # -- life cycle --------------------------------------------------------------
     def run(self) -> None:
@@ -310,6 +316,7 @@ class Worker:
             "failed": self.stats.failed,
             "canceled": self.stats.canceled,
             "last_seq": self.last_seq,
+            "node": self.server.node_url,
         }
 
     # -- a version of a task: decide what to do (the control thread) -----------------------
@@ -319,6 +326,7 @@ class Worker:
             self.last_seq = seq
             self.membership.note_peer_write(doc)
         task_id = doc["_id"]
+        self.quorum.seen(task_id)
         state = self.states.get(task_id)
         conflicted = bool(doc.get("_conflicts"))
         if state is None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from after.couch import CouchError, refused_as_is
+from after.couch import CouchError, refused_as_is, unconfirmed
 from after.tasks import Doc, Local, TaskState, is_newer, is_news
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ class Writes:
                         state.doc = newer
                     return worker.act_on(task_id, state)  # claimed again, in two writes
         if not row.get("error"):
+            if unconfirmed(row) and worker.quorum.held_back(task_id, state, doc, row):
+                return worker.maybe_finish_stop()
             for loser in losers:  # recorded on the winner now: delete them
                 worker.writer.write(loser, lambda row: None)
             state.doc = {**doc, "_rev": row["rev"]}

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 from conftest import new_task
 
-from after.couch import BulkWriter, Database, Server, Unreachable, one_write_per_document
+from after.config import split_credentials
+from after.couch import (
+    BulkWriter,
+    Database,
+    Server,
+    Unreachable,
+    one_write_per_document,
+    unconfirmed,
+)
+from after.embedded import free_port
 
 
 class RecordingDatabase:
@@ -60,19 +69,24 @@ def test_a_request_carries_one_write_per_document_and_later_ones_follow_in_order
     assert db.get("x")["worker"] == "first"
 
 
+def conflict_of_two(db: Database) -> tuple[str, str, str]:
+    """A task with two revisions on one parent, as a replication leaves them: its id,
+    our `scheduled` revision and the replicated `cancel` one."""
+    doc_id, first = db.post(new_task(status="waiting"))
+    mine = db.put({**db.get(doc_id), "status": "scheduled"})
+    generation, parent = first.split("-")
+    theirs = f"{int(generation) + 1}-{'0' * 32}"
+    replicated = {**db.get(doc_id), "_rev": theirs, "status": "cancel"}
+    replicated["_revisions"] = {"start": int(generation) + 1, "ids": ["0" * 32, parent]}
+    db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [replicated], "new_edits": False})
+    return doc_id, mine, theirs
+
+
 def test_the_revisions_of_a_conflict_are_read_in_one_request(server: Server, db_name: str) -> None:
     db = server.database(db_name + "-revisions")  # no design doc: replicated writes go
     db.create()
     try:
-        doc_id, first = db.post(new_task(status="waiting"))
-        mine = db.put({**db.get(doc_id), "status": "scheduled"})
-        generation, parent = first.split("-")
-        theirs = f"{int(generation) + 1}-{'0' * 32}"
-        replicated = {**db.get(doc_id), "_rev": theirs, "status": "cancel"}
-        replicated["_revisions"] = {"start": int(generation) + 1, "ids": ["0" * 32, parent]}
-        db.server.json(
-            "POST", f"{db.path}/_bulk_docs", body={"docs": [replicated], "new_edits": False}
-        )
+        doc_id, mine, theirs = conflict_of_two(db)
         assert db.get(doc_id, conflicts=True)["_conflicts"] == [theirs]
 
         found = db.revisions(doc_id, [theirs, mine, f"9-{'e' * 32}"])  # the last never was
@@ -172,11 +186,12 @@ class DroppingServer(threading.Thread):
     without an answer (as a server closing an idle kept-alive connection does just as
     the client reuses it), then answers `{"ok": true}`."""
 
-    def __init__(self, drops: int) -> None:
+    def __init__(self, drops: int, silent: bool = False) -> None:
         super().__init__(daemon=True)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
         self.drops, self.connections = drops, 0
+        self.silent, self.held = silent, list[socket.socket]()  # silent: never answers
         self.start()
 
     def run(self) -> None:
@@ -185,6 +200,9 @@ class DroppingServer(threading.Thread):
                 connection, _ = self.listener.accept()
             except OSError:
                 return
+            if self.silent:  # kept open and never answered, as by a paused (SIGSTOPped) server
+                self.held.append(connection)
+                continue
             with connection:
                 self.connections += 1
                 connection.recv(65536)
@@ -238,3 +256,59 @@ def test_credentials_come_from_netrc_when_none_are_given(
     assert Server("http://couch.example:5984/").session.auth == ("alice", "wonderland")
     given = Server("http://couch.example:5984/", ("bob", "builder"))
     assert given.session.auth == ("bob", "builder")
+
+
+# -- the nodes of a cluster ------------------------------------------------------------------
+
+
+def test_a_node_that_does_not_answer_makes_the_next_one_current(couch_url: str) -> None:
+    plain, user, password = split_credentials(couch_url)
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
+    server = Server(f"{dead},{plain}", (user, password or "") if user else None)
+    assert server.urls == [dead, plain] and server.url == dead
+
+    with pytest.raises(Unreachable):
+        server.welcome()
+    assert server.url == plain  # the caller's retry goes to the next node
+    assert "version" in server.welcome()
+    server.failed(dead)  # a late report about the node already left changes nothing
+    assert server.url == plain
+    server.failed(plain)
+    assert server.url == dead  # round the list again
+
+
+def test_a_feed_whose_node_stops_answering_moves_to_the_next_node(db: Database) -> None:
+    quiet = DroppingServer(drops=0, silent=True)  # never answers: a paused node
+    server = Server([quiet.url, db.server.url], db.server.credentials)
+    with pytest.raises(Unreachable):
+        next(server.database(db.name).follow(0, heartbeat_ms=200))
+    assert server.url == db.server.url
+    first = next(server.database(db.name).follow(0, heartbeat_ms=200))
+    assert first["id"].startswith("_design/")
+
+
+def test_a_write_says_whether_the_quorum_confirmed_it(db: Database) -> None:
+    """One node (or PouchDB Server) answers 201: confirmed. (A cluster node cut off
+    from the others answers 202; tests/test_cluster.py sees that on a real cluster.)"""
+    doc = new_task()
+    doc["_id"] = "confirmed"
+    assert db.put_confirmed(doc) is True and doc["_rev"].startswith("1-")
+    assert unconfirmed({"id": "a", "rev": "1-a", "ok": True, "accepted": True})
+    assert not unconfirmed({"id": "a", "rev": "1-a", "ok": True})
+    assert not unconfirmed({"id": "a", "error": "conflict", "accepted": True})
+
+
+def test_the_leaves_of_a_document_include_every_conflicting_revision(
+    server: Server, db_name: str
+) -> None:
+    db = server.database(db_name + "-leaves")  # no design doc: replicated writes go
+    db.create()
+    try:
+        single, first = db.post(new_task(status="waiting"))
+        assert [leaf["_rev"] for leaf in db.leaves(single)] == [first]
+        doc_id, mine, theirs = conflict_of_two(db)
+        assert sorted(leaf["_rev"] for leaf in db.leaves(doc_id)) == sorted([mine, theirs])
+        db.put({"_id": doc_id, "_rev": theirs, "_deleted": True})
+        assert [leaf["_rev"] for leaf in db.leaves(doc_id)] == [mine]  # deleted ones left out
+    finally:
+        db.delete()

@@ -231,7 +231,9 @@ class Workers:
         self.tmp_path = tmp_path
         self.started: list[WorkerProcess] = []
 
-    def launch(self, url: str, db_name: str, jobs: Path) -> WorkerProcess:
+    def launch(
+        self, url: str, db_name: str, jobs: Path, heartbeat: float = 0.3, lease: float = 1.5
+    ) -> WorkerProcess:
         home = self.tmp_path / f"home-{len(self.started)}"
         home.mkdir()
         env = {
@@ -242,7 +244,7 @@ class Workers:
             "AFTER_CONFIG": "",  # never the user's own ~/.after/config.toml
         }
         command = [sys.executable, "-m", "after", "start", NAME, "--foreground"]
-        command += ["--heartbeat", "0.3", "--lease", "1.5", "--jobs", str(jobs)]
+        command += ["--heartbeat", str(heartbeat), "--lease", str(lease), "--jobs", str(jobs)]
         log = home / "worker.log"
         with open(log, "w") as output:  # a file, never a pipe: a full pipe blocks the worker
             process = subprocess.Popen(

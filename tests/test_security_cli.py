@@ -270,6 +270,23 @@ def test_https_urls_keep_their_scheme_host_port_and_path(
         assert Server.from_config(config).display_url == shown
 
 
+def test_the_nodes_of_a_cluster_are_given_as_one_comma_separated_list() -> None:
+    given = "http://after:s3cret@10.0.0.1:5984/, http://10.0.0.2:5984,http://10.0.0.3:5984/"
+    nodes = ["http://10.0.0.1:5984/", "http://10.0.0.2:5984/", "http://10.0.0.3:5984/"]
+    assert split_credentials(given) == (",".join(nodes), "after", "s3cret")
+    config = Config.from_env({"AFTER_COUCHDB_URL": given})
+    assert config.couchdb_urls == nodes
+    assert config.auth == ("after", "s3cret")
+    assert "s3cret" not in config.display_url and "s3cret" not in redact(given)
+    assert config.display_url.count("after:***@") == 3
+    server = Server.from_config(config)
+    assert server.urls == nodes and server.url == nodes[0]
+    assert server.node_url == nodes[0] and "s3cret" not in server.display_url
+    flag = config.override(couchdb_url="http://10.0.0.4:5984,http://10.0.0.5:5984")
+    assert flag.couchdb_urls == ["http://10.0.0.4:5984/", "http://10.0.0.5:5984/"]
+    assert flag.auth == ("after", "s3cret")  # the URLs named no credentials: kept
+
+
 # -- 3. no password in any output ------------------------------------------------------------
 
 

@@ -227,6 +227,35 @@ def test_a_run_still_under_way_on_the_winner_takes_its_end_from_a_losing_revisio
     assert tasks.resolve_conflict(winner, [done]) == [updated, *deletions]  # same on each node
 
 
+def test_a_losing_revision_that_got_further_than_the_winner_is_kept() -> None:
+    """A partition: the minority side's instance claimed the task, could not confirm
+    the claim and handed it back (after.quorum); the majority side ran it. Whichever
+    revision CouchDB picks, the run is what stays, so the task is not run again."""
+    ran = {"attempt": 1, "started_at": "2026-12-01T09:30:00.100Z"}
+    done = doc("done", OTHER, _rev="4-d", finished_at="2026-12-01T09:30:00.200Z", **ran)
+    handed_back = doc("waiting", _rev="4-w", _conflicts=["4-d"])
+
+    updated, *deletions = tasks.resolve_conflict(handed_back, [done])
+
+    # The run's revision is kept as it is (waiting -> done is no worker's move), the
+    # handed-back one deleted and recorded.
+    assert updated == {**done, "conflicts_resolved": [
+        {"rev": "4-w", "status": "waiting", "owner": None, "attempt": None}
+    ]}  # fmt: skip
+    assert deletions == [{"_id": "t1", "_rev": "4-w", "_deleted": True, "resolves_conflict": True}]
+    assert tasks.resolve_conflict(handed_back, [done]) == [updated, *deletions]  # on each node
+    # A run committed on one side and only claimed on the other: the commit stays.
+    claimed = doc("scheduled", ME, _rev="3-c", _conflicts=["3-r"])
+    running = doc("running", OTHER, _rev="3-r", attempt=1)
+    assert tasks.resolve_conflict(claimed, [running])[0]["_rev"] == "3-r"
+    # Of two sides that got as far, CouchDB's winner stays.
+    other_claim = doc("scheduled", OTHER, _rev="3-o")
+    assert tasks.resolve_conflict(claimed, [other_claim])[0]["owner"] == ME
+    # A final winner stays whatever the losers did.
+    lost = doc("err", OTHER, _rev="5-e", attempt=1, finished_at="2026-12-01T09:31:00.000Z")
+    assert tasks.resolve_conflict({**done, "_conflicts": ["5-e"]}, [lost])[0]["_rev"] == "4-d"
+
+
 @pytest.mark.parametrize(
     "winner, loser",
     [
