@@ -676,6 +676,9 @@ def _plain_reason(exc: requests.RequestException) -> str:
 
 # A document to write, what to call with its result, and by when (monotonic) it is sent.
 Write = tuple[Doc, Callable[[dict[str, Any]], None], float]
+# Seconds between tries of a write the server did not take, at most: after an outage
+# the writes held back go out within this long of the server's return.
+WRITE_RETRY_MAX = 5.0
 
 
 class BulkWriter:
@@ -718,6 +721,8 @@ class BulkWriter:
         backoff = 0.5
         taken: list[Write] = []  # from the queue, in order, not yet written
         stopping = False
+        # Documents whose last request went unanswered: the server may have stored them.
+        unanswered: set[str] = set()
         while taken or not stopping:
             if not taken:
                 item = self.queue.get()
@@ -742,13 +747,36 @@ class BulkWriter:
                 log.warning(
                     "writing %d task(s) failed (%s); retrying in %.1fs", len(batch), exc, backoff
                 )
+                if isinstance(exc, Unreachable):
+                    unanswered.update(doc["_id"] for doc, _, _ in batch if "_id" in doc)
                 taken = batch + taken
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, WRITE_RETRY_MAX)
                 continue
             backoff = 0.5
-            for (_, on_result, _), row in zip(batch, rows, strict=True):
+            for (doc, on_result, _), row in zip(batch, rows, strict=True):
+                if doc.get("_id") in unanswered:
+                    unanswered.discard(doc["_id"])
+                    row = self._stored_unanswered(doc, row)
                 on_result(row)
+
+    def _stored_unanswered(self, doc: Doc, row: dict[str, Any]) -> dict[str, Any]:
+        """The row of a write sent again after its first request went unanswered. A
+        refusal of it as stale may mean that the first request was stored and only its
+        answer lost: when the document's current revision is the next one after the
+        revision written on and holds just what was written, that write landed."""
+        if row.get("error") not in ("conflict", "forbidden") or "_rev" not in doc:
+            return row  # PouchDB Server refuses a stale write as forbidden, CouchDB 409
+        try:
+            stored = self.db.get(doc["_id"])
+        except CouchError:
+            return row  # the caller re-reads the task on a refusal anyway
+        if stored is None or not _same_content(stored, doc):
+            return row
+        if rev_number(stored["_rev"]) != rev_number(doc["_rev"]) + 1:
+            return row
+        log.info("%s: stored by a request whose answer was lost", doc["_id"])
+        return {"id": doc["_id"], "rev": stored["_rev"], "ok": True}
 
     def _take_queued(self, taken: list[Write]) -> bool:
         """Move what is queued into `taken`, up to a batch; True when told to stop."""
@@ -761,6 +789,19 @@ class BulkWriter:
                 return True
             taken.append(item)
         return False
+
+
+def _same_content(stored: Doc, written: Doc) -> bool:
+    """Whether a stored document holds what was written (revisions aside)."""
+    meta = ("_rev", "_conflicts", "_revisions")
+    return {k: v for k, v in stored.items() if k not in meta} == {
+        k: v for k, v in written.items() if k not in meta
+    }
+
+
+def rev_number(rev: str | None) -> int:
+    """The generation of a revision ("3-abc" -> 3); 0 for none."""
+    return int(rev.split("-", 1)[0]) if rev else 0
 
 
 def one_write_per_document(writes: list[Write], limit: int) -> tuple[list[Write], list[Write]]:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from after.couch import storable_text
+from after.couch import rev_number, storable_text
 from after.push import load_rules
 
 if TYPE_CHECKING:
@@ -384,11 +384,6 @@ def furthest(winner: Doc, losers: list[Doc]) -> Doc | None:
         return None
     ahead = [loser for loser in losers if progress(loser) > progress(winner)]
     return max(ahead, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]), default=None)
-
-
-def rev_number(rev: str | None) -> int:
-    """The generation of a revision ("3-abc" -> 3); 0 for none."""
-    return int(rev.split("-", 1)[0]) if rev else 0
 
 
 def is_newer(doc: Doc, than: Doc) -> bool:

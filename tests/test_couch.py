@@ -166,6 +166,67 @@ def test_stopping_the_writer_sends_the_writes_that_wait_at_once(db: Database) ->
     assert db.get("a") is not None and db.get("b") is not None
 
 
+class AnswerLosingDatabase:
+    """The real database, whose first `_bulk_docs` request goes unanswered: the server
+    stored it (`stored=True`) or not, and another client may write meanwhile."""
+
+    def __init__(self, db: Database, stored: bool, meanwhile: dict[str, Any] | None = None):
+        self.db, self.stored, self.meanwhile = db, stored, meanwhile
+        self.requests = 0
+
+    def bulk_docs(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.requests += 1
+        if self.requests > 1:
+            return self.db.bulk_docs(docs)
+        if self.stored:
+            self.db.bulk_docs([dict(doc) for doc in docs])
+        if self.meanwhile is not None:
+            self.db.put(self.meanwhile)
+        raise Unreachable(0, "unreachable", "ConnectionError: reset", "POST _bulk_docs")
+
+    def get(self, doc_id: str, **params: Any) -> dict[str, Any] | None:
+        return self.db.get(doc_id, **params)
+
+
+def write_through(database: AnswerLosingDatabase, doc: dict[str, Any]) -> dict[str, Any]:
+    writer = BulkWriter(database)  # type: ignore[arg-type]
+    results = Results(1)
+    writer.start()
+    writer.write(doc, results.note("it"))
+    assert results.all_back.wait(15)
+    writer.stop()
+    return results.rows["it"]
+
+
+def test_a_write_stored_by_a_request_whose_answer_was_lost_is_answered_as_stored(
+    db: Database,
+) -> None:
+    doc_id, _ = db.post(new_task())
+    canceled = {**db.get(doc_id), "status": "cancel"}
+    losing = AnswerLosingDatabase(db, stored=True)
+
+    row = write_through(losing, canceled)
+
+    stored = db.get(doc_id)
+    assert losing.requests == 2  # sent again, refused as stale by the server
+    assert stored["status"] == "cancel" and stored["_rev"].startswith("2-")
+    assert row == {"id": doc_id, "rev": stored["_rev"], "ok": True}
+
+
+def test_a_write_sent_again_stays_refused_when_someone_else_wrote_meanwhile(
+    db: Database,
+) -> None:
+    doc_id, _ = db.post(new_task())
+    current = db.get(doc_id)
+    losing = AnswerLosingDatabase(db, stored=False, meanwhile={**current, "status": "cancel"})
+
+    row = write_through(losing, {**current, "date": "2012-01-01"})
+
+    assert row.get("error") in ("conflict", "forbidden"), row
+    assert db.get(doc_id)["status"] == "cancel"
+    assert db.get(doc_id)["date"] == "2011-10-12"
+
+
 def test_one_write_per_document_keeps_the_order_and_the_limit() -> None:
     def write(doc_id: str | None, n: int) -> tuple[dict[str, Any], Any, float]:
         doc = {"n": n} if doc_id is None else {"_id": doc_id, "n": n}
