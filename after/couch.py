@@ -771,9 +771,7 @@ class BulkWriter:
             stored = self.db.get(doc["_id"])
         except CouchError:
             return row  # the caller re-reads the task on a refusal anyway
-        if stored is None or not _same_content(stored, doc):
-            return row
-        if rev_number(stored["_rev"]) != rev_number(doc["_rev"]) + 1:
+        if stored is None or not is_own_write(stored, doc):
             return row
         log.info("%s: stored by a request whose answer was lost", doc["_id"])
         return {"id": doc["_id"], "rev": stored["_rev"], "ok": True}
@@ -791,8 +789,11 @@ class BulkWriter:
         return False
 
 
-def _same_content(stored: Doc, written: Doc) -> bool:
-    """Whether a stored document holds what was written (revisions aside)."""
+def is_own_write(stored: Doc, written: Doc) -> bool:
+    """Whether the version read back is the write itself: the next revision after the
+    one written on, holding just what was written."""
+    if rev_number(stored["_rev"]) != rev_number(written.get("_rev")) + 1:
+        return False
     meta = ("_rev", "_conflicts", "_revisions")
     return {k: v for k, v in stored.items() if k not in meta} == {
         k: v for k, v in written.items() if k not in meta

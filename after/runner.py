@@ -150,6 +150,7 @@ class Runner:
             )
             if ready:
                 state.local, state.spawned = Local.RUNNING, []
+                worker.run_started(task_id, state)
                 worker.pool.started(task_id, time.monotonic())
         if not ready:
             worker.control.put(lambda: self.start(task_id))  # let the control thread decide
@@ -176,6 +177,7 @@ class Runner:
             worker.pool.release(task_id)
             return worker.writes.write(task_id, tasks.hand_back_update(state.doc))
         state.local, state.spawned = Local.RUNNING, []
+        worker.run_started(task_id, state)
         worker.pool.started(task_id, time.monotonic())
         worker.executor.submit(self.execute, task_id, state)
         if state.policy is not None:
@@ -277,6 +279,8 @@ class Runner:
             outcome["error"]["message"] = "canceled while running: " + outcome["error"]["message"]
         if state.writing:  # cannot happen in practice; keep the outcome for the next version
             state.newer = state.newer or state.doc
+        state.outcome_base = tasks.outcome_base(state.doc, state.run_doc, worker.instance)
+        state.run_doc = None
         self.write_outcome(task_id, state, outcome)
 
     def lost(self, task_id: str, state: TaskState) -> None:
@@ -298,9 +302,12 @@ class Runner:
         self.worker.writes.write(task_id, lost)  # err, or waiting for its retry or next occurrence
 
     def write_outcome(self, task_id: str, state: TaskState, outcome: dict[str, Any]) -> None:
+        """Write the run's outcome on `state.outcome_base` (see tasks.outcome_base), or
+        on the task as it is now."""
         worker = self.worker
         policy = state.policy or NO_POLICY
-        doc = runs.after_run_update(state.doc, policy, outcome, tasks.now(), spawned=state.spawned)
+        base = state.outcome_base or state.doc
+        doc = runs.after_run_update(base, policy, outcome, tasks.now(), spawned=state.spawned)
         worker.writes.send(
             task_id, doc, lambda row: self.outcome_written(task_id, doc, outcome, row), SHARE_WINDOW
         )
@@ -326,6 +333,7 @@ class Runner:
         if refused_as_is(row) and not (newer and is_newer(newer, doc)):
             worker.writes.leave(task_id, state, row)  # even the failure: too large
             return worker.maybe_finish_stop()
+        state.outcome_base = None
         if not row.get("error"):
             state.doc = {**doc, "_rev": row["rev"]}
             worker.writes.after_write(task_id, state)  # final: forgotten; a retry: claimed

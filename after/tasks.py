@@ -64,6 +64,8 @@ class TaskState:
     resolving: bool = False  # held only to resolve a conflict of a run that had ended
     # A conflict's losing revisions, deleted once the winner recording them has landed.
     losers: list[Doc] = field(default_factory=list)
+    run_doc: Doc | None = None  # the committed version the running job started from
+    outcome_base: Doc | None = None  # the version the run's outcome is written on
 
 
 class Step(Enum):
@@ -83,11 +85,16 @@ def next_step(
     local: Local,
     owner_alive: Callable[[str], bool] = lambda owner: False,
     within_horizon: bool = True,
+    started_here: bool = True,
 ) -> Step:
     """Decide what instance `me` does with this version of a task.
 
     `owner_alive(owner)` tells whether another instance still holds its lease;
-    `within_horizon` whether the task is due soon enough to be held in memory.
+    `within_horizon` whether the task is due soon enough to be held in memory;
+    `started_here` whether this instance ever started a run of it. A `running` of ours
+    that we hold no run of and never started is a commit we took as refused that was
+    stored all the same (on a cluster, by a minority of copies): its run never began,
+    so it is handed back, not failed as "worker lost".
     """
     status = doc.get("status")
     owner = doc.get("owner")
@@ -109,13 +116,28 @@ def next_step(
         return Step.CLAIM  # its owner's lease ran out: take it over
     if status == "running":
         if owner == me:
-            return Step.IGNORE if local in (Local.COMMITTED, Local.RUNNING) else Step.LOST
+            if local in (Local.COMMITTED, Local.RUNNING):
+                return Step.IGNORE
+            return Step.LOST if started_here else Step.RELEASE
         if local is not Local.NONE:
             return Step.FORGET
         return Step.FORGET if owner and owner_alive(owner) else Step.LOST
     if status == "cancel":
         return Step.CANCEL_AFTER_RUN if local is Local.RUNNING else Step.CANCEL
     return Step.FORGET  # done, err, canceled
+
+
+def outcome_base(current: Doc, run_doc: Doc | None, me: str) -> Doc:
+    """The version a run's outcome is written on: the task as it is now while it still
+    continues our run (our `running`, or a client's `cancel` of it), else the version
+    the run started from. A conflict can make another branch's version current while
+    the job runs (another instance's claim handed back, which CouchDB chose as the
+    winner): ending the run there would be refused (`waiting` -> `done`) and lose the
+    outcome; ending it on our own branch keeps it, and the conflict's resolution then
+    keeps the branch that got furthest, ours."""
+    status = current.get("status")
+    ours = status == "cancel" or (status == "running" and current.get("owner") == me)
+    return current if ours or run_doc is None else run_doc
 
 
 def worker_name_problem(name: str) -> str | None:
@@ -391,8 +413,9 @@ def is_newer(doc: Doc, than: Doc) -> bool:
 
 
 def is_news(doc: Doc, than: Doc) -> bool:
-    """A later version, or a conflicted one of the same generation (a replica's write
-    that won over ours, or ours with a replica's beside it): to be acted on."""
-    if doc.get("_conflicts"):
-        return rev_number(doc["_rev"]) >= rev_number(than["_rev"])
+    """A later version, or another one of the same generation, conflicted or not (a
+    replica's write that won over ours, ours with a replica's beside it, or a sibling
+    whose conflict with ours was resolved by deleting ours): to be acted on."""
+    if rev_number(doc["_rev"]) == rev_number(than["_rev"]):
+        return doc["_rev"] != than["_rev"] or bool(doc.get("_conflicts"))
     return is_newer(doc, than)

@@ -124,6 +124,8 @@ class Worker:
         self._state_written = 0.0
         self._held = 0
         self.forgotten: OrderedDict[str, int] = OrderedDict()
+        # Tasks whose run this instance started (the latest FORGOTTEN of them).
+        self.started_runs: OrderedDict[str, None] = OrderedDict()
         self.start_up_error: Exception | None = None
         # The parts, in the order a task meets them.
         self.feed = Feed(self)
@@ -377,6 +379,7 @@ class Worker:
             state.local,
             owner_alive=self.membership.owner_alive,
             within_horizon=tasks.parse_date(doc["date"]) <= tasks.now() + self.horizon,
+            started_here=task_id in self.started_runs,
         )
         if step is Step.CLAIM:
             self.claiming.consider(task_id, state)
@@ -403,6 +406,13 @@ class Worker:
                 self.timer.cancel(task_id)
                 state.local = Local.NONE
                 self.pool.release(task_id)
+
+    def run_started(self, task_id: str, state: TaskState) -> None:
+        """A run of the task starts here (the timer or the control thread)."""
+        state.run_doc = state.doc
+        self.started_runs[task_id] = None
+        while len(self.started_runs) > FORGOTTEN:
+            self.started_runs.popitem(last=False)
 
     def forget(self, task_id: str) -> None:
         state = self.states.pop(task_id, None)

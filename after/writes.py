@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from after.couch import CouchError, refused_as_is, unconfirmed
+from after.couch import CouchError, is_own_write, refused_as_is, unconfirmed
 from after.tasks import Doc, Local, TaskState, is_newer, is_news
 
 if TYPE_CHECKING:
@@ -96,6 +96,13 @@ class Writes:
             # the feed brings that version in a moment; read it ourselves only if not.
             worker.conflicts.recheck_later(task_id, delay=5.0)
         elif (latest := self.changed_since(task_id, doc, newer, row)) is not None:
+            if is_own_write(latest, doc) and worker.quorum.held_back(
+                task_id, state, doc, {"rev": latest["_rev"]}
+            ):
+                # Refused, yet stored: on a cluster, the copies that refused it (a quorum)
+                # hold another version; ours stands on a minority of copies, like a write
+                # answered 202, and is handed back rather than taken for a lost run.
+                return worker.maybe_finish_stop()
             state.doc = latest
             worker.act_on(task_id, state)
         else:

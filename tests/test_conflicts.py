@@ -159,6 +159,7 @@ def test_a_conflict_resolved_by_the_other_replica_is_then_decided_on(
     db.put({**db.get(task_id), "status": "running", "owner": worker.instance, "attempt": 1})
     resolved = db.get(task_id)
     worker.states[task_id] = TaskState({**resolved, "_conflicts": ["5-" + "d" * 32]})
+    worker.started_runs[task_id] = None  # its run began here: the lost `done` was ours
     if seen_by == "the feed":
         assert not worker.feed.known(resolved)
         worker.seen(resolved, seq="9")

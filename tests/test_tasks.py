@@ -55,6 +55,13 @@ def test_next_step(status: str, owner: str | None, local: Local, step: Step) -> 
     assert next_step(doc(status, owner), ME, local) is step
 
 
+def test_a_running_of_ours_never_started_here_is_handed_back_not_lost() -> None:
+    # A commit refused by a cluster's quorum yet stored on a minority of its copies.
+    assert next_step(doc("running", ME), ME, Local.NONE, started_here=False) is Step.RELEASE
+    assert next_step(doc("running", ME), ME, Local.HELD, started_here=False) is Step.RELEASE
+    assert next_step(doc("running", ME), ME, Local.NONE, started_here=True) is Step.LOST
+
+
 def test_every_status_has_a_decision() -> None:
     for status in tasks.STATUSES:
         for local in Local:
@@ -274,3 +281,34 @@ def test_the_winner_stays_unless_a_loser_ended_its_own_run(
     updated, *_ = tasks.resolve_conflict(winner, [loser])
     assert updated["status"] == winner["status"] and updated["owner"] == winner["owner"]
     assert updated["attempt"] == winner["attempt"]
+
+
+def test_news_is_a_later_version_or_any_other_of_the_same_generation() -> None:
+    ours = {"_rev": "3-aaa", "status": "waiting"}
+    assert tasks.is_news({"_rev": "4-bbb"}, ours)
+    assert not tasks.is_news({"_rev": "2-bbb"}, ours)
+    assert not tasks.is_news({"_rev": "3-aaa"}, ours)  # the echo of our own write
+    assert tasks.is_news({"_rev": "3-aaa", "_conflicts": ["3-ccc"]}, ours)
+    # A sibling without a conflict: ours was the losing side, deleted by a resolution
+    # on another node (a cluster's or a replica's). Ignoring it would leave us acting
+    # on a branch that is gone, e.g. claiming a task the other side has run.
+    assert tasks.is_news({"_rev": "3-ccc", "status": "done"}, ours)
+
+
+def test_a_run_ends_on_the_task_as_it_is_now_while_that_continues_the_run() -> None:
+    run_doc = {"_rev": "3-a", "status": "running", "owner": "me", "attempt": 1}
+    mine_again = {**run_doc, "_rev": "4-a", "conflicts_resolved": []}
+    canceled = {**run_doc, "_rev": "4-b", "status": "cancel"}
+    assert tasks.outcome_base(mine_again, run_doc, "me") is mine_again
+    assert tasks.outcome_base(canceled, run_doc, "me") is canceled
+
+
+def test_a_run_ends_on_its_own_branch_when_another_branch_won_meanwhile() -> None:
+    run_doc = {"_rev": "3-a", "status": "running", "owner": "me", "attempt": 1}
+    # Another instance's claim, stored without quorum and handed back, won the conflict
+    # by its revision: `waiting` -> `done` would be refused and the outcome lost.
+    handed_back = {"_rev": "3-z", "status": "waiting", "_conflicts": ["3-a"]}
+    assert tasks.outcome_base(handed_back, run_doc, "me") is run_doc
+    theirs = {"_rev": "3-y", "status": "running", "owner": "other", "attempt": 1}
+    assert tasks.outcome_base(theirs, run_doc, "me") is run_doc
+    assert tasks.outcome_base(handed_back, None, "me") is handed_back  # nothing better known

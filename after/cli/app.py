@@ -73,7 +73,8 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--couchdb",
         "couchdb_url",
         metavar="URL",
-        help="CouchDB server URL, credentials allowed [env AFTER_COUCHDB_URL; "
+        help="CouchDB server URL, credentials allowed; the nodes of a cluster "
+        "comma-separated, to fail over between [env AFTER_COUCHDB_URL; "
         "default: http://127.0.0.1:5984/].",
     )(fn)
     return fn
