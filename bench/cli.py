@@ -34,7 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--url", help="a CouchDB-compatible server (loopback only) instead of the "
-                   "embedded PouchDB Server; credentials in the URL")  # fmt: skip
+                   "embedded PouchDB Server; credentials in the URL; the nodes of a cluster "
+                   "comma-separated (worker instance i attached to node i)")  # fmt: skip
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--burst", type=int, help="burst size (default 10,000; quick 1,000)")
     p.add_argument("--trickle-rate", type=int, default=200, help="tasks/s (default 200)")

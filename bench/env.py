@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from after import embedded
-from after.config import split_credentials
+from after.config import node_urls, split_credentials
 from after.couch import CouchError, Database, Server
 from after.push import push
 from bench.profile import ENV_DIR, PRELOAD, ServerProfiler
@@ -74,18 +74,26 @@ class Bench:
                 self.profiler = ServerProfiler(self.process, self.tmp / "profiles")
             self.server_kind = "PouchDB Server (embedded)"
         else:
-            check_loopback(url)
-            self.url = url if url.endswith("/") else url + "/"
+            for one in node_urls(url):
+                check_loopback(one)
+            self.url = url if url.endswith("/") or "," in url else url + "/"
             self.server_kind = "given URL"
         bare, user, password = split_credentials(self.url)
         self.auth = (user, password or "") if user else None
-        self.bare_url = bare
-        self.server = Server(bare, self.auth, timeout=120)
+        # The nodes of a cluster (or the one server): the bench's own requests go to the
+        # first; worker instance i is attached to node i (its list starts there).
+        self.node_urls = [u if u.endswith("/") else u + "/" for u in node_urls(bare)]
+        self.bare_url = self.node_urls[0]
+        self.server = Server(self.bare_url, self.auth, timeout=120)
         welcome = self.server.welcome()
         self.server_version = welcome.get("version", "?")
         self.server_welcome = {k: v for k, v in welcome.items() if isinstance(v, str)}
         if "couchdb" in welcome:
             self.server_kind = f"Apache CouchDB {self.server_version}{self._js_engine()}"
+            if len(self.node_urls) > 1:
+                self.server_kind += (
+                    f", a cluster of {len(self.node_urls)} nodes (instance i attached to node i)"
+                )
         elif "express-pouchdb" in welcome and self.process is None:
             self.server_kind = f"PouchDB Server {self.server_version} (given URL)"
         elif self.process is not None:
@@ -153,7 +161,7 @@ class Bench:
 class WorkerProcess:
     """One `python -m after start NAME --foreground` process with its own AFTER_HOME."""
 
-    def __init__(self, bench: Bench, db: Database, name: str, tag: str = "") -> None:
+    def __init__(self, bench: Bench, db: Database, name: str, tag: str = "", node: int = 0) -> None:
         self.bench = bench
         self.name = name
         self.home = bench.tmp / f"home-{db.name}-{name}{tag}"
@@ -164,9 +172,11 @@ class WorkerProcess:
         env["AFTER_HOME"] = str(self.home)
         if bench.auth:
             env["AFTER_COUCHDB_USER"], env["AFTER_COUCHDB_PASSWORD"] = bench.auth
+        first = node % len(bench.node_urls)
+        urls = ",".join(bench.node_urls[first:] + bench.node_urls[:first])
         self.argv = [
             PYTHON, "-m", "after", "start", name, "--foreground",
-            "--couchdb", bench.bare_url, "--db", db.name, "--jobs", str(bench.jobs),
+            "--couchdb", urls, "--db", db.name, "--jobs", str(bench.jobs),
         ]  # fmt: skip
         self.spawned = time.time()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
@@ -256,7 +266,8 @@ def workers(
     started: list[WorkerProcess] = []
     try:
         for i, name in enumerate(names):
-            started.append(WorkerProcess(bench, db, name, (tags or [""] * len(names))[i]))
+            tag = (tags or [""] * len(names))[i]
+            started.append(WorkerProcess(bench, db, name, tag, node=i))
         yield started
     finally:
         for worker in started:

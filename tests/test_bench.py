@@ -12,7 +12,7 @@ import pytest
 
 from bench import report
 from bench.cli import main
-from bench.env import Bench, BenchError
+from bench.env import Bench, BenchError, workers
 from bench.profile import summarize
 
 HAVE_PEERS = all(importlib.util.find_spec(name) for name in ("apscheduler", "sqlalchemy", "huey"))
@@ -181,3 +181,25 @@ def test_the_targets_are_ratios_to_the_peers_of_the_same_run() -> None:
     assert status["trickle lateness p99 ≤ APScheduler's with its memory store, ms"] == "PASS"
     assert status["burst throughput, 4 instances ≥ 90 % of 1 instance"] == "PASS"
     assert status["burst throughput above Huey's (1 instance)"] == "n/a"  # no Huey burst
+
+
+def test_on_the_nodes_of_a_cluster_instance_i_is_attached_to_node_i(couch_url: str) -> None:
+    # Two URLs of the one test server stand for two nodes: what is checked is which node
+    # each instance is given first (its list starts there, the others to fail over to).
+    plain = couch_url.rstrip("/")
+    other = plain.replace("127.0.0.1", "localhost")
+    bench = Bench(f"{plain}/,{other}/")
+    try:
+        assert bench.node_urls == [f"{n}/" for n in (plain, other)]
+        db = bench.fresh_db("nodes")
+        with workers(bench, db, ["a", "b", "c"]) as procs:
+            given = [p.argv[p.argv.index("--couchdb") + 1] for p in procs]
+    finally:
+        bench.close()
+    assert [urls.split(",")[0] for urls in given] == [f"{plain}/", f"{other}/", f"{plain}/"]
+    assert all(len(urls.split(",")) == 2 for urls in given)
+
+
+def test_the_bench_sends_load_to_loopback_nodes_only() -> None:
+    with pytest.raises(BenchError, match="loopback"):
+        Bench("http://127.0.0.1:1/,http://10.0.0.2:5984/")
