@@ -283,6 +283,19 @@ class Runner:
         state.run_doc = None
         self.write_outcome(task_id, state, outcome)
 
+    def outcome_still_to_write(self, task_id: str, state: TaskState) -> bool:
+        """A run of ours ended and its outcome is not stored yet (its write was refused
+        while a conflict was being resolved): when the task again says we run it, the
+        outcome is written there, rather than the run failed as "worker lost"."""
+        doc, outcome = state.doc, state.pending_outcome
+        if outcome is None or state.local is not Local.NONE or state.writing:
+            return False
+        status = doc.get("status")
+        if status != "cancel" and (status != "running" or doc.get("owner") != self.worker.instance):
+            return False
+        self.write_outcome(task_id, state, outcome)
+        return True
+
     def lost(self, task_id: str, state: TaskState) -> None:
         """The decision's LOST step: its run was interrupted by a dead instance."""
         doc = state.doc
@@ -305,6 +318,7 @@ class Runner:
         """Write the run's outcome on `state.outcome_base` (see tasks.outcome_base), or
         on the task as it is now."""
         worker = self.worker
+        state.pending_outcome = outcome
         policy = state.policy or NO_POLICY
         base = state.outcome_base or state.doc
         doc = runs.after_run_update(base, policy, outcome, tasks.now(), spawned=state.spawned)
@@ -331,10 +345,12 @@ class Runner:
             )
             return self.write_outcome(task_id, state, tasks.refused_outcome(outcome, row))
         if refused_as_is(row) and not (newer and is_newer(newer, doc)):
+            state.pending_outcome = None
             worker.writes.leave(task_id, state, row)  # even the failure: too large
             return worker.maybe_finish_stop()
         state.outcome_base = None
         if not row.get("error"):
+            state.pending_outcome = None
             state.doc = {**doc, "_rev": row["rev"]}
             worker.writes.after_write(task_id, state)  # final: forgotten; a retry: claimed
             if newer and newer.get("_conflicts") and tasks.is_news(newer, state.doc):

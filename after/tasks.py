@@ -66,6 +66,9 @@ class TaskState:
     losers: list[Doc] = field(default_factory=list)
     run_doc: Doc | None = None  # the committed version the running job started from
     outcome_base: Doc | None = None  # the version the run's outcome is written on
+    # A run's outcome until it is stored: a write of it refused while a conflict was
+    # resolved is written again on the version that continues our run.
+    pending_outcome: dict[str, Any] | None = None
 
 
 class Step(Enum):

@@ -373,6 +373,8 @@ class Worker:
             return self.forget(task_id)  # reassigned to another worker name meanwhile
         if self.membership.await_owner(task_id, doc, state.local):
             return
+        if self.runner.outcome_still_to_write(task_id, state):
+            return
         step = tasks.next_step(
             doc,
             self.instance,

@@ -9,6 +9,7 @@ import pytest
 from conftest import new_task, replicator_user, wait_for, with_credentials
 from test_worker import in_seconds, wait_status
 
+from after import tasks
 from after.config import Config, split_credentials
 from after.couch import Database, Server
 from after.push import push
@@ -269,4 +270,27 @@ def test_an_outcome_refused_because_the_other_replica_ended_the_task_is_recorded
     assert [(r["owner"], r["status"]) for r in final["conflicts_resolved"]] == [
         (worker.instance, "running")
     ]
+    worker.executor.shutdown()
+
+
+def test_an_outcome_refused_while_a_conflict_was_resolved_is_written_on_the_run_kept(
+    config: Config, db: Database
+) -> None:
+    """On a cluster, an instance's outcome write was refused while the task was in
+    conflict; the resolution then kept this instance's `running` (it got further). The
+    run's outcome is written there, not the run failed as "worker lost" (a 3-node
+    cluster test's failure: the job had run, its end was lost)."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    db.put({**db.get(task_id), "status": "running", "owner": worker.instance, "attempt": 1})
+    kept = db.get(task_id)
+    state = worker.states[task_id] = TaskState(kept)
+    worker.started_runs[task_id] = None
+    started = tasks.now()
+    state.pending_outcome = tasks.outcome_fields(started, started, result="the job's result")
+    worker.decide(task_id, state)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+    final = db.get(task_id)
+    assert final["status"] == "done" and final["result"] == "the job's result", final
     worker.executor.shutdown()
