@@ -134,8 +134,20 @@ def _refusal(response: requests.Response, what: str) -> CouchError:
     """The CouchError for an error response, with CouchDB's error and reason."""
     try:
         payload = response.json()
-        error, reason = str(payload.get("error", "")), str(payload.get("reason", ""))
     except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        error, reason = str(payload.get("error", "")), str(payload.get("reason", ""))
+    elif isinstance(payload, list):
+        # Apache CouchDB answers a `_bulk_docs` 500 with its rows, some stored and some
+        # not (a cluster's copies did not answer): the request as a whole failed.
+        failed = [row for row in payload if isinstance(row, dict) and row.get("error")]
+        first = failed[0] if failed else {}
+        error = str(first.get("error", "http_error"))
+        reason = f"{len(failed)} of {len(payload)} document(s) failed" + (
+            f", e.g. {first.get('id')}: {first.get('reason', '')}" if first else ""
+        )
+    else:
         error, reason = "http_error", response.text[:200]
     return _error_for(response.status_code)(response.status_code, error, reason, what)
 
@@ -742,12 +754,13 @@ class BulkWriter:
             batch, taken = one_write_per_document(taken, self.max_batch)
             try:
                 rows = self.db.bulk_docs([doc for doc, _, _ in batch])
-            except CouchError as exc:
+            except Exception as exc:  # the writer never dies: a worker without it is stuck
                 # Nothing is lost: the same batch is sent again once the server answers.
                 log.warning(
                     "writing %d task(s) failed (%s); retrying in %.1fs", len(batch), exc, backoff
                 )
-                if isinstance(exc, Unreachable):
+                if not isinstance(exc, CouchError) or exc.status == 0 or exc.status >= 500:
+                    # Unanswered, or failed on the server's side: some may be stored.
                     unanswered.update(doc["_id"] for doc, _, _ in batch if "_id" in doc)
                 taken = batch + taken
                 time.sleep(backoff)

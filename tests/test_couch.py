@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import requests
 from conftest import new_task
 
 from after.config import split_credentials
@@ -18,6 +20,7 @@ from after.couch import (
     Database,
     Server,
     Unreachable,
+    _refusal,
     one_write_per_document,
     unconfirmed,
 )
@@ -170,8 +173,15 @@ class AnswerLosingDatabase:
     """The real database, whose first `_bulk_docs` request goes unanswered: the server
     stored it (`stored=True`) or not, and another client may write meanwhile."""
 
-    def __init__(self, db: Database, stored: bool, meanwhile: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        db: Database,
+        stored: bool,
+        meanwhile: dict[str, Any] | None = None,
+        error: Exception | None = None,
+    ):
         self.db, self.stored, self.meanwhile = db, stored, meanwhile
+        self.error = error or Unreachable(0, "unreachable", "ConnectionError: reset", "POST")
         self.requests = 0
 
     def bulk_docs(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,7 +192,7 @@ class AnswerLosingDatabase:
             self.db.bulk_docs([dict(doc) for doc in docs])
         if self.meanwhile is not None:
             self.db.put(self.meanwhile)
-        raise Unreachable(0, "unreachable", "ConnectionError: reset", "POST _bulk_docs")
+        raise self.error
 
     def get(self, doc_id: str, **params: Any) -> dict[str, Any] | None:
         return self.db.get(doc_id, **params)
@@ -211,6 +221,35 @@ def test_a_write_stored_by_a_request_whose_answer_was_lost_is_answered_as_stored
     assert losing.requests == 2  # sent again, refused as stale by the server
     assert stored["status"] == "cancel" and stored["_rev"].startswith("2-")
     assert row == {"id": doc_id, "rev": stored["_rev"], "ok": True}
+
+
+def test_a_bulk_request_a_cluster_failed_in_part_is_sent_again_and_answered_as_stored(
+    db: Database,
+) -> None:
+    # Apache CouchDB answers 500 with the rows when copies did not answer; some
+    # documents may be stored. The writer neither dies of it nor takes them as refused.
+    response = requests.Response()
+    rows = [
+        {"id": "a", "rev": "2-x", "ok": True},
+        {"id": "b", "error": "unknown_error", "reason": "timeout"},
+    ]
+    response.status_code, response._content = 500, json.dumps(rows).encode()
+    error = _refusal(response, "POST /tasks/_bulk_docs")
+    assert (error.status, error.error) == (500, "unknown_error")
+    assert "1 of 2 document(s) failed, e.g. b: timeout" in str(error)
+
+    doc_id, _ = db.post(new_task())
+    canceled = {**db.get(doc_id), "status": "cancel"}
+    row = write_through(AnswerLosingDatabase(db, stored=True, error=error), canceled)
+    assert row == {"id": doc_id, "rev": db.get(doc_id)["_rev"], "ok": True}
+
+
+def test_the_writer_survives_an_unexpected_failure_and_sends_again(db: Database) -> None:
+    doc_id, _ = db.post(new_task())
+    canceled = {**db.get(doc_id), "status": "cancel"}
+    losing = AnswerLosingDatabase(db, stored=False, error=AttributeError("a bug of ours"))
+    row = write_through(losing, canceled)
+    assert row.get("ok") and db.get(doc_id)["status"] == "cancel"
 
 
 def test_a_write_sent_again_stays_refused_when_someone_else_wrote_meanwhile(
