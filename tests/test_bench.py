@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from after.config import split_credentials
 from bench import report
 from bench.cli import main
 from bench.env import Bench, BenchError, workers
@@ -186,9 +187,10 @@ def test_the_targets_are_ratios_to_the_peers_of_the_same_run() -> None:
 def test_on_the_nodes_of_a_cluster_instance_i_is_attached_to_node_i(couch_url: str) -> None:
     # Two URLs of the one test server stand for two nodes: what is checked is which node
     # each instance is given first (its list starts there, the others to fail over to).
-    plain = couch_url.rstrip("/")
+    given_url = couch_url.rstrip("/")
+    bench = Bench(f"{given_url}/,{given_url.replace('127.0.0.1', 'localhost')}/")
+    plain = split_credentials(couch_url)[0].rstrip("/")  # the bench keeps credentials apart
     other = plain.replace("127.0.0.1", "localhost")
-    bench = Bench(f"{plain}/,{other}/")
     try:
         assert bench.node_urls == [f"{n}/" for n in (plain, other)]
         db = bench.fresh_db("nodes")
