@@ -223,6 +223,14 @@ def hand_back_update(doc: Doc) -> Doc:
     return _update(doc, status="waiting", owner=None, claimed_at=None)
 
 
+def unstarted_hand_back_update(doc: Doc) -> Doc:
+    """A `running` whose run never began, handed back: the attempt its commit counted
+    is taken back too, so the run that follows is the same attempt (and the same
+    idempotency key), not a retry."""
+    attempt = int(doc.get("attempt", 1)) - 1
+    return _update(hand_back_update(doc), attempt=attempt if attempt > 0 else None)
+
+
 def canceled_update(doc: Doc, at: datetime) -> Doc:
     return _update(doc, status="canceled", canceled_at=iso(at))
 

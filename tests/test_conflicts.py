@@ -294,3 +294,20 @@ def test_an_outcome_refused_while_a_conflict_was_resolved_is_written_on_the_run_
     final = db.get(task_id)
     assert final["status"] == "done" and final["result"] == "the job's result", final
     worker.executor.shutdown()
+
+
+def test_a_commit_of_ours_stored_though_refused_is_handed_back_as_the_same_attempt(
+    config: Config, db: Database
+) -> None:
+    """On a cluster a commit can be refused by a quorum of copies and stored by the
+    others: the task then says `running` under this instance, which never started it.
+    It is handed back with its attempt as before, not failed as "worker lost"."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    db.put(tasks.running_update(db.get(task_id), worker.instance))
+    worker.seen(db.get(task_id), fresh=True)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+    final = db.get(task_id)
+    assert final["status"] == "waiting" and "attempt" not in final and "owner" not in final
+    worker.executor.shutdown()

@@ -312,3 +312,12 @@ def test_a_run_ends_on_its_own_branch_when_another_branch_won_meanwhile() -> Non
     theirs = {"_rev": "3-y", "status": "running", "owner": "other", "attempt": 1}
     assert tasks.outcome_base(theirs, run_doc, "me") is run_doc
     assert tasks.outcome_base(handed_back, None, "me") is handed_back  # nothing better known
+
+
+def test_a_running_never_started_is_handed_back_as_the_same_attempt() -> None:
+    committed = tasks.running_update(doc("waiting", None), ME)
+    assert committed["attempt"] == 1
+    back = tasks.unstarted_hand_back_update(committed)
+    assert back["status"] == "waiting" and "owner" not in back and "attempt" not in back
+    retry = tasks.running_update({**doc("waiting", None), "attempt": 2}, ME)
+    assert tasks.unstarted_hand_back_update(retry)["attempt"] == 2
