@@ -85,6 +85,10 @@ class Quorum:
             "running",
         ):
             return False
+        if task_id in worker.started_runs:
+            # Its run began here (a conflict's resolution rewrote our `running`): handing
+            # it back would let another instance run it again. It stands as written.
+            return False
         self.held_back_count += 1
         log.warning(
             "task %s: the %s was stored without the cluster's quorum; not run, handed back",

@@ -311,3 +311,27 @@ def test_a_commit_of_ours_stored_though_refused_is_handed_back_as_the_same_attem
     final = db.get(task_id)
     assert final["status"] == "waiting" and "attempt" not in final and "owner" not in final
     worker.executor.shutdown()
+
+
+def test_a_running_rewritten_without_quorum_is_not_handed_back_once_its_run_began(
+    config: Config, db: Database
+) -> None:
+    """A write of our `running` answered 202 is a commit not acted on, handed back; but
+    once the run has begun here (the write was a conflict's resolution keeping our
+    `running`), handing it back let another instance run it again (a 3-node cluster
+    test's duplicate, attempts 1 and 2)."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    waiting = db.get(task_id)
+    running = tasks.running_update(waiting, worker.instance)
+    db.put(running)
+    row = {"id": task_id, "rev": running["_rev"], "ok": True, "accepted": True}
+    state = worker.states[task_id] = TaskState(waiting)
+    worker.started_runs[task_id] = None
+    assert not worker.quorum.held_back(task_id, state, running, row)
+    del worker.started_runs[task_id]
+    assert worker.quorum.held_back(task_id, state, running, row)  # a commit not run
+    worker.writer.start()
+    worker.writer.stop()
+    assert db.get(task_id)["status"] == "waiting"
+    worker.executor.shutdown()
