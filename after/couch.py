@@ -767,27 +767,46 @@ class BulkWriter:
                 backoff = min(backoff * 2, WRITE_RETRY_MAX)
                 continue
             backoff = 0.5
-            for (doc, on_result, _), row in zip(batch, rows, strict=True):
-                if doc.get("_id") in unanswered:
-                    unanswered.discard(doc["_id"])
-                    row = self._stored_unanswered(doc, row)
+            docs = [doc for doc, _, _ in batch]
+            rows = self._stored_unanswered(docs, rows, unanswered)
+            unanswered.difference_update(doc.get("_id") for doc in docs)
+            for (_, on_result, _), row in zip(batch, rows, strict=True):
                 on_result(row)
 
-    def _stored_unanswered(self, doc: Doc, row: dict[str, Any]) -> dict[str, Any]:
-        """The row of a write sent again after its first request went unanswered. A
-        refusal of it as stale may mean that the first request was stored and only its
-        answer lost: when the document's current revision is the next one after the
-        revision written on and holds just what was written, that write landed."""
-        if row.get("error") not in ("conflict", "forbidden") or "_rev" not in doc:
-            return row  # PouchDB Server refuses a stale write as forbidden, CouchDB 409
+    def _stored_unanswered(
+        self, docs: list[Doc], rows: list[dict[str, Any]], unanswered: set[str]
+    ) -> list[dict[str, Any]]:
+        """The rows of writes, those sent again after their first request went
+        unanswered checked. A refusal of such a write as stale may mean that the first
+        request was stored and only its answer lost: when the document's current
+        revision is the next one after the revision written on and holds just what was
+        written, that write landed. The documents to check are read in one request."""
+        stale = {
+            doc["_id"]: doc
+            for doc, row in zip(docs, rows, strict=True)
+            if doc.get("_id") in unanswered
+            and "_rev" in doc
+            and row.get("error") in ("conflict", "forbidden")  # PouchDB Server: forbidden
+        }
+        if not stale:
+            return rows
         try:
-            stored = self.db.get(doc["_id"])
+            read = self.db.all_docs(keys=list(stale), include_docs=True)["rows"]
         except CouchError:
-            return row  # the caller re-reads the task on a refusal anyway
-        if stored is None or not is_own_write(stored, doc):
-            return row
-        log.info("%s: stored by a request whose answer was lost", doc["_id"])
-        return {"id": doc["_id"], "rev": stored["_rev"], "ok": True}
+            return rows  # the caller re-reads the task on a refusal anyway
+        landed = {
+            found["id"]: found["doc"]["_rev"]
+            for found in read
+            if found.get("doc") and is_own_write(found["doc"], stale[found["id"]])
+        }
+        for doc_id in landed:
+            log.info("%s: stored by a request whose answer was lost", doc_id)
+        return [
+            {"id": row.get("id"), "rev": landed[row.get("id")], "ok": True}
+            if row.get("id") in landed
+            else row
+            for row in rows
+        ]
 
     def _take_queued(self, taken: list[Write]) -> bool:
         """Move what is queued into `taken`, up to a batch; True when told to stop."""

@@ -194,8 +194,8 @@ class AnswerLosingDatabase:
             self.db.put(self.meanwhile)
         raise self.error
 
-    def get(self, doc_id: str, **params: Any) -> dict[str, Any] | None:
-        return self.db.get(doc_id, **params)
+    def all_docs(self, **params: Any) -> dict[str, Any]:
+        return self.db.all_docs(**params)
 
 
 def write_through(database: AnswerLosingDatabase, doc: dict[str, Any]) -> dict[str, Any]:
