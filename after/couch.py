@@ -374,6 +374,7 @@ class Database:
         self.server = server
         self.name = name
         self.path = quote(name, safe="")
+        self._bulk_get_gives_winner_only: bool | None = None  # PouchDB Server's; asked once
 
     def __repr__(self) -> str:
         return f"<Database {self.server.display_url}{self.name}>"
@@ -456,6 +457,30 @@ class Database:
             headers={"Accept": "application/json"},  # not multipart/mixed
         )
         return [row["ok"] for row in rows if "ok" in row and not row["ok"].get("_deleted")]
+
+    def leaves_of(self, doc_ids: list[str]) -> dict[str, list[Doc]]:
+        """`leaves` for many documents in one request (`_bulk_get` without revisions:
+        every leaf, merged from a quorum of copies on a cluster); a missing document
+        has none. PouchDB Server's `_bulk_get` gives the winner only: there, one
+        request each."""
+        if self._bulk_get_gives_winner_only is None:
+            self._bulk_get_gives_winner_only = "express-pouchdb" in self.server.welcome()
+        if self._bulk_get_gives_winner_only:
+            return {doc_id: self._leaves_or_none(doc_id) for doc_id in doc_ids}
+        answer = self._json("POST", "_bulk_get", body={"docs": [{"id": i} for i in doc_ids]})
+        found: dict[str, list[Doc]] = {doc_id: [] for doc_id in doc_ids}
+        for result in answer.get("results", []):
+            leaves = found.setdefault(result.get("id"), [])
+            for row in result.get("docs", []):
+                if "ok" in row and not row["ok"].get("_deleted"):
+                    leaves.append(row["ok"])
+        return found
+
+    def _leaves_or_none(self, doc_id: str) -> list[Doc]:
+        try:
+            return self.leaves(doc_id)
+        except NotFound:
+            return []
 
     def post(self, doc: Doc) -> tuple[str, str]:
         result = self._json("POST", body=doc)

@@ -34,6 +34,8 @@ CLOCK_SKEW_WARNING = 2.0  # seconds of difference that earn a warning
 # Seconds before claiming a task another live instance should claim (when it has
 # room), and before claiming one anyway when no instance had room for it.
 CLAIM_FALLBACK = 1.0
+# For how many leases a dead peer's tasks are looked for again after its takeover.
+RESCAN_LEASES = 10
 
 
 class Membership:
@@ -64,6 +66,8 @@ class Membership:
         # When the feed last brought a task written by each other instance (monotonic):
         # an instance still working through its claims is not to be raced for them.
         self.peer_active: dict[str, float] = {}
+        # Peers taken over, whose tasks are looked for again until then (monotonic).
+        self.taken_over: dict[str, float] = {}
 
     # -- our record and lease (the lease thread) ------------------------------------------
     def put_record(self, record: Doc) -> None:
@@ -226,10 +230,8 @@ class Membership:
         owner = record["instance"]
         log.warning("instance %s stopped renewing its lease; taking over its tasks", owner)
         worker.control.put(lambda: self.leases.__setitem__(owner, False))
-        for status in ("scheduled", "running"):
-            for doc in worker.feed.tasks_in(status, {}):
-                if doc.get("owner") == owner:
-                    worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))
+        self.taken_over[owner] = time.monotonic() + RESCAN_LEASES * worker.lease.total_seconds()
+        self.look_for_tasks_of({owner})
         for _ in range(3):
             try:
                 worker.db.put(records.reaped(record, worker.instance, tasks.now()))
@@ -239,6 +241,26 @@ class Membership:
                 if latest is None or not records.needs_takeover(latest, tasks.now()):
                     return  # reaped by another instance, or it came back: both are fine
                 record = latest
+
+    def look_for_tasks_of(self, owners: set[str]) -> None:
+        """Post the tasks held by these (dead) instances to the control thread, which
+        takes them over."""
+        worker = self.worker
+        for status in ("scheduled", "running"):
+            for doc in worker.feed.tasks_in(status, {}):
+                if doc.get("owner") in owners:
+                    worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))
+
+    def look_again_for_tasks_of_the_dead(self) -> None:
+        """On the housekeeping thread, once a lease: the tasks of peers taken over lately,
+        looked for again. A claim the cluster stored on a minority of copies (answered
+        202) reaches the copies a takeover's view read from only later, by internal
+        replication, after its instance was already judged dead; nothing else would
+        bring it back, and it would stay `scheduled` under a dead instance."""
+        now = time.monotonic()
+        self.taken_over = {o: until for o, until in self.taken_over.items() if until > now}
+        if self.taken_over:
+            self.look_for_tasks_of(set(self.taken_over))
 
     # -- who claims first ------------------------------------------------------------------
     def first_claimer(self, task_id: str) -> str:

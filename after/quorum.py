@@ -19,20 +19,34 @@ write of the same task may stand beside ours as a conflict. A read cannot tell
   revisions (merged from a quorum of copies, where any write answered 201 shows)
   finds none but ours.
 
+- a commit answered 201 still stands on one branch of the task: once a minority
+  side's version has spread to every copy, another instance can extend either
+  branch with a 201. So on a database with more than one copy, a commit is
+  confirmed before the job starts: the task's leaf revisions are read (merged from
+  a quorum of copies, which always holds every write answered 201 before the
+  read). With another `running`, a run's end or a cancel beside ours, the run is
+  not started and the task is handed back, as for a 202: of two commits on two
+  branches, the later one's read sees the earlier one's, so at most one of them
+  runs.
+
 The cost is availability on the minority side: its instances run nothing new
-until the partition heals. On one node, or on PouchDB Server, nothing here ever
-happens: every write is answered 201.
+until the partition heals; and on a cluster one read per batch of commits. On one
+node, or on PouchDB Server, nothing here ever happens: every write is answered
+201, and a database has one copy.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from after import tasks
-from after.couch import CouchError
-from after.tasks import Doc, TaskState
+from after.couch import CouchError, Database
+from after.tasks import Doc, Local, TaskState
 
 if TYPE_CHECKING:
     from after.worker import Worker
@@ -48,6 +62,13 @@ class Quorum:
         # Tasks whose version on our side may conflict with the other side's.
         self.suspect: set[str] = set()
         self.held_back_count = 0  # claims and commits not acted on, for tests and status
+        # Copies of the database (a cluster's n): with more than one, commits are confirmed.
+        self.copies = 1
+        self.reader: LeafReader | None = None
+
+    @property
+    def confirms_commits(self) -> bool:
+        return self.copies > 1
 
     # -- the signal: how CouchDB answered a write ------------------------------------------
     def answered(self, confirmed: bool) -> None:
@@ -135,3 +156,107 @@ class Quorum:
         state.doc = {**winner, "_conflicts": others} if others else winner
         worker.act_on(task_id, state)
         return False
+
+    # -- a commit answered 201, before its run starts ---------------------------------------
+    def confirm(self, task_id: str, state: TaskState) -> None:
+        """Read the committed task's leaves; its run starts once no other leaf may run it."""
+        worker = self.worker
+        if self.reader is None:
+            self.reader = LeafReader(worker.db)
+        self.reader.read(
+            task_id, lambda leaves: worker.control.put(lambda: self.confirmed(task_id, leaves))
+        )
+
+    def confirmed(self, task_id: str, leaves: list[Doc] | None) -> None:
+        """Start the committed run, or hand it back: see `blocking`."""
+        worker = self.worker
+        state = worker.states.get(task_id)
+        if state is None or state.local is not Local.COMMITTED:
+            return  # moved on meanwhile (a cancel, a stop)
+        doc = state.doc
+        ours = doc.get("status") == "running" and doc.get("owner") == worker.instance
+        if leaves is not None and not leaves:  # deleted meanwhile
+            worker.unhold(task_id, state)
+            return worker.forget(task_id)
+        if leaves is None or not ours or doc["_rev"] not in {leaf["_rev"] for leaf in leaves}:
+            # Not read (the node did not answer), or the task changed meanwhile (a
+            # conflict's resolution rewrote our `running`; the feed brings the news):
+            # read it again in a moment.
+            at = tasks.now() + timedelta(seconds=worker.heartbeat)
+            action = lambda: worker.control.put(lambda: self.confirm_again(task_id))  # noqa: E731
+            worker.timer.schedule(at, action, key=task_id)
+            return
+        others = blocking(doc, [leaf for leaf in leaves if leaf["_rev"] != doc["_rev"]])
+        if not others:
+            return worker.runner.schedule_start(task_id, state)
+        self.held_back_count += 1
+        self.suspect.add(task_id)
+        log.warning(
+            "task %s: its commit stands beside %d other revision(s) %s; not run, handed back",
+            task_id,
+            len(others),
+            [(leaf.get("owner"), leaf.get("status")) for leaf in others],
+        )
+        worker.pool.uncommit(task_id)
+        worker.runner.commit_waiting()
+        worker.unhold(task_id, state)
+        worker.writes.write(task_id, tasks.unstarted_hand_back_update(doc))
+
+    def confirm_again(self, task_id: str) -> None:
+        state = self.worker.states.get(task_id)
+        if state is not None and state.local is Local.COMMITTED:
+            self.confirm(task_id, state)
+
+
+# Leaves beside our committed `running` that got no further than a claim of the run
+# it starts: a run started from one must first commit and confirm, and its confirming
+# read then sees ours.
+BEHIND_A_COMMIT = frozenset({"waiting", "scheduled", "reschedule"})
+
+
+def blocking(ours: Doc, others: list[Doc]) -> list[Doc]:
+    """The other leaves that forbid starting our committed run: another `running` (of
+    two commits on two branches, the later one's read sees the earlier one's; if both
+    see each other, neither runs and the task is claimed again), a cancel, a run's end,
+    or a leaf that got further than our claim (a run ended there: a retry or the next
+    occurrence waits)."""
+    finished, attempt = tasks.progress(ours)
+    claimed = (finished, attempt - 1)  # our commit counted one attempt more
+    return [
+        leaf
+        for leaf in others
+        if leaf.get("status") not in BEHIND_A_COMMIT or tasks.progress(leaf) > claimed
+    ]
+
+
+class LeafReader:
+    """Reads tasks' leaf revisions off the control thread, many in one request: what
+    came while a request was out goes in the next one."""
+
+    def __init__(self, db: Database, max_batch: int = 500) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self.queue: queue.Queue[tuple[str, Callable[[list[Doc] | None], None]]] = queue.Queue()
+        threading.Thread(target=self._loop, name="after-leaf-reader", daemon=True).start()
+
+    def read(self, task_id: str, on_leaves: Callable[[list[Doc] | None], None]) -> None:
+        """`on_leaves` gets the task's leaves, or None if they could not be read."""
+        self.queue.put((task_id, on_leaves))
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                found: dict[str, list[Doc]] | None = self.db.leaves_of(
+                    list(dict.fromkeys(task_id for task_id, _ in batch))
+                )
+            except Exception as exc:  # any failure: each is read again later
+                log.warning("could not read %d task(s)' revisions (%s)", len(batch), exc)
+                found = None
+            for task_id, on_leaves in batch:
+                on_leaves(None if found is None else found.get(task_id, []))

@@ -125,8 +125,14 @@ class Runner:
             self.commit(task_id)
 
     def committed(self, task_id: str, state: TaskState) -> None:
-        """Our commit landed: hand the run to a pool thread a moment before its instant."""
+        """Our commit landed: on a cluster, confirm it (after.quorum); then start."""
         state.local = Local.COMMITTED
+        if self.worker.quorum.confirms_commits:
+            return self.worker.quorum.confirm(task_id, state)
+        self.schedule_start(task_id, state)
+
+    def schedule_start(self, task_id: str, state: TaskState) -> None:
+        """Hand the run to a pool thread a moment before its instant."""
         due = state.run_at or tasks.parse_date(state.doc["date"])
         start = due - timedelta(seconds=START_EARLY)
         self.worker.timer.schedule(start, lambda: self.start_now(task_id), key=task_id)
@@ -280,7 +286,6 @@ class Runner:
         if state.writing:  # cannot happen in practice; keep the outcome for the next version
             state.newer = state.newer or state.doc
         state.outcome_base = tasks.outcome_base(state.doc, state.run_doc, worker.instance)
-        state.run_doc = None
         self.write_outcome(task_id, state, outcome)
 
     def outcome_still_to_write(self, task_id: str, state: TaskState) -> bool:
@@ -345,12 +350,12 @@ class Runner:
             )
             return self.write_outcome(task_id, state, tasks.refused_outcome(outcome, row))
         if refused_as_is(row) and not (newer and is_newer(newer, doc)):
-            state.pending_outcome = None
+            state.pending_outcome = state.run_doc = None
             worker.writes.leave(task_id, state, row)  # even the failure: too large
             return worker.maybe_finish_stop()
         state.outcome_base = None
         if not row.get("error"):
-            state.pending_outcome = None
+            state.pending_outcome = state.run_doc = None
             state.doc = {**doc, "_rev": row["rev"]}
             worker.writes.after_write(task_id, state)  # final: forgotten; a retry: claimed
             if newer and newer.get("_conflicts") and tasks.is_news(newer, state.doc):
@@ -360,8 +365,24 @@ class Runner:
         elif (latest := worker.writes.changed_since(task_id, doc, newer, row)) is not None:
             state.doc = latest
             if latest.get("status") in ("running", "cancel"):
-                # Changed while the job ran (a cancel): record the outcome on the newest version.
-                return self.write_outcome(task_id, state, outcome)
+                # Changed while the job ran (a cancel, another branch's `running`): record
+                # the outcome on the newest version, as our run's (tasks.outcome_base_over).
+                base = tasks.outcome_base_over(latest, state.run_doc, worker.instance, tasks.now())
+                if base is not latest:
+                    log.warning(
+                        "task %s: %s's running of it became current while our run ended; %s",
+                        task_id,
+                        latest.get("owner"),
+                        "our run's outcome is written over it"
+                        if base is not None
+                        else "it runs a later attempt (ours was judged lost): ours is dropped",
+                    )
+                if base is not None:
+                    state.outcome_base = base
+                    return self.write_outcome(task_id, state, outcome)
+                state.pending_outcome = state.run_doc = None
+                worker.forget(task_id)
+                return worker.maybe_finish_stop()
             if latest.get("_conflicts"):
                 # Ended by a replica's write, beside ours (a duplicate run): resolving the
                 # conflict records ours on the task; forgetting it would leave both.

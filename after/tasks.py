@@ -143,6 +143,29 @@ def outcome_base(current: Doc, run_doc: Doc | None, me: str) -> Doc:
     return current if ours or run_doc is None else run_doc
 
 
+def outcome_base_over(latest: Doc, run_doc: Doc | None, me: str, at: datetime) -> Doc | None:
+    """Where a run's outcome is written again after its write was refused, the task now
+    being `latest` (`running` or `cancel`): latest itself while it continues our run.
+    When it is another instance's `running` of the same attempt (on a cluster, its
+    claim won on another branch while our branch was deleted), our run is put on
+    latest's revision: the outcome names the instance and attempt that ran, ends the
+    task (the other's claim, never started, would otherwise hand it back to run again),
+    and the other's claim is recorded as taken over. None when it runs a later attempt:
+    our run was judged lost (its lease ran out) and recorded so; the next attempt's
+    outcome is the task's."""
+    ours = latest.get("status") == "cancel" or latest.get("owner") == me
+    if ours or run_doc is None:
+        return latest
+    if int(latest.get("attempt", 1)) > int(run_doc.get("attempt", 1)):
+        return None
+    records = (
+        {"conflicts_resolved": latest["conflicts_resolved"]}
+        if "conflicts_resolved" in latest
+        else {}
+    )
+    return {**run_doc, **records, "_rev": latest["_rev"], "takeovers": _takeovers(latest, at)}
+
+
 def worker_name_problem(name: str) -> str | None:
     """Why a worker name cannot be used, or None; the same rules as validate_doc_update."""
     if not re.fullmatch(RULES["patterns"]["worker"], name):
@@ -235,11 +258,14 @@ def canceled_update(doc: Doc, at: datetime) -> Doc:
     return _update(doc, status="canceled", canceled_at=iso(at))
 
 
+LOST = "WorkerLost"  # the error type of a run failed because its instance was judged dead
+
+
 def lost_outcome(doc: Doc, at: datetime) -> dict[str, Any]:
     """The outcome of a run whose instance died: it failed with "worker lost"."""
     return {
         "error": {
-            "type": "WorkerLost",
+            "type": LOST,
             "message": f"worker lost: instance {doc.get('owner')} stopped while the job was "
             "running; the job may have run in part (set status to reschedule to run it again)",
         },
@@ -342,9 +368,11 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
       ran, ended or committed a run the winner's side never did. That loser is kept
       and the winner deleted. The winner's side then only claimed or handed back the
       task (a claim a partition's minority side could not confirm, after.quorum), and
-      keeping it would run the task again. (Kept as its own revision, not as the
-      winner's content: the status change may be one no worker may write, such as
-      waiting -> done.)
+      keeping it would run the task again. Likewise when the winner failed a run as
+      "worker lost" and a loser is that run's own end, written by its instance (cut
+      off from the cluster's majority, whose peers judged it dead): what the run did
+      is kept. (Kept as its own revision, not as the winner's content: the status
+      change may be one no worker may write, such as waiting -> done or err -> done.)
 
     Conflicts arise only between replicated nodes or in a cluster (a partition, or
     two claims through two nodes at once), where two writes based on the same
@@ -352,7 +380,9 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     one conflict write the same content.
     """
     ended = run_ended_in(winner, losers)
-    keep = (None if ended is not None else furthest(winner, losers)) or winner
+    keep = (
+        None if ended is not None else furthest(winner, losers) or run_judged_lost(winner, losers)
+    ) or winner
     gone = [doc for doc in (winner, *losers) if doc is not keep]
     seen = [
         {
@@ -392,6 +422,22 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
         loser
         for loser in losers
         if loser.get("status") in ("done", "err")
+        and loser.get("owner") == winner.get("owner")
+        and loser.get("attempt") == winner.get("attempt")
+    ]
+    return max(ends, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
+
+
+def run_judged_lost(winner: Doc, losers: list[Doc]) -> Doc | None:
+    """The losing revision that is the real end of the run the winner failed as "worker
+    lost" (same instance, same attempt), or None; of several, the latest revision."""
+    if winner.get("status") != "err" or (winner.get("error") or {}).get("type") != LOST:
+        return None
+    ends = [
+        loser
+        for loser in losers
+        if loser.get("status") in ("done", "err")
+        and (loser.get("error") or {}).get("type") != LOST
         and loser.get("owner") == winner.get("owner")
         and loser.get("attempt") == winner.get("attempt")
     ]

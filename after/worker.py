@@ -24,6 +24,8 @@ Threads, none of which blocks another:
   starts the job at the due time.
 - executor: runs the jobs.
 - lease and housekeeping: the instance's lease, the peers' leases and the horizon.
+- leaf reader (after.quorum, on a cluster only): reads the leaves of committed
+  tasks, many in one request, before their jobs start.
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ class Worker:
                 404, "not_found", f"{missing}: run `after push`", f"database {self.db.name}"
             )
         self.claiming.read_claim_commits(design)
+        self.quorum.copies = int((info.get("cluster") or {}).get("n", 1))
         return info["update_seq"]
 
     def _start_up(self, since: Any) -> None:
@@ -245,6 +248,7 @@ class Worker:
         """Watch the peers' leases, take over the dead ones' tasks, sweep the horizon."""
         membership = self.membership
         next_peers = next_sweep = time.monotonic()
+        next_rescan = next_peers + self.lease.total_seconds()
         backoff = 0.5
         while not self.stopping.is_set():
             try:
@@ -259,8 +263,11 @@ class Worker:
                 if now >= next_sweep:
                     self.claiming.sweep_horizon()
                     next_sweep = now + self.sweep_every
+                if now >= next_rescan:
+                    membership.look_again_for_tasks_of_the_dead()
+                    next_rescan = now + self.lease.total_seconds()
                 backoff = 0.5
-                wait = min(next_peers, next_sweep) - time.monotonic()
+                wait = min(next_peers, next_sweep, next_rescan) - time.monotonic()
             except Exception as exc:  # a bad record or an outage: log, wait, go on
                 log.warning("housekeeping failed (%s); retrying in %.1fs", exc, backoff)
                 membership.peer_seen.clear()  # what we saw before the gap proves nothing now

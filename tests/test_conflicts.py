@@ -13,7 +13,9 @@ from after import tasks
 from after.config import Config, split_credentials
 from after.couch import Database, Server
 from after.push import push
+from after.quorum import blocking
 from after.security import is_pouchdb_server, security_object
+from after.tasks import Local
 from after.worker import TaskState, Worker
 
 
@@ -296,6 +298,45 @@ def test_an_outcome_refused_while_a_conflict_was_resolved_is_written_on_the_run_
     worker.executor.shutdown()
 
 
+def test_an_outcome_refused_over_another_instances_running_is_written_as_our_run(
+    config: Config, db: Database
+) -> None:
+    """On a cluster, our run's branch was deleted by a resolution that kept another
+    instance's `running` of the same attempt (its claim won by revision; it never ran
+    it). Our outcome is written there as our run's: it named the other instance as
+    the one that ran the task (a 3-node cluster test's finding), and not writing it
+    would let that claim be handed back and the task run again."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    original = db.get(task_id)
+    other = "manobi@node-b:1:bbbb"
+    db.put({**original, "status": "running", "owner": other, "attempt": 1})
+    generation = int(original["_rev"].split("-")[0]) + 1
+    ours = {
+        **original,
+        "_rev": f"{generation}-{'a' * 32}",  # our branch, deleted on the server
+        "status": "running",
+        "owner": worker.instance,
+        "attempt": 1,
+    }
+    state = worker.states[task_id] = TaskState(ours, writing=True, run_doc=ours)
+    started = tasks.now()
+    outcome = tasks.outcome_fields(started, started, result="our run's result")
+    ended = {**ours, "status": "done", **outcome}
+    state.pending_outcome = outcome
+    refused = {"id": task_id, "error": "conflict", "reason": "Document update conflict."}
+
+    worker.runner.outcome_written(task_id, ended, outcome, refused)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+
+    final = db.get(task_id)
+    assert final["status"] == "done" and final["result"] == "our run's result", final
+    assert final["owner"] == worker.instance and final["history"][-1]["instance"] == worker.instance
+    assert [t["from"] for t in final["takeovers"]] == [other]
+    worker.executor.shutdown()
+
+
 def test_a_commit_of_ours_stored_though_refused_is_handed_back_as_the_same_attempt(
     config: Config, db: Database
 ) -> None:
@@ -335,3 +376,143 @@ def test_a_running_rewritten_without_quorum_is_not_handed_back_once_its_run_bega
     worker.writer.stop()
     assert db.get(task_id)["status"] == "waiting"
     worker.executor.shutdown()
+
+
+# -- on a cluster, a commit is confirmed before its run starts ---------------------------
+
+
+def test_the_leaves_of_many_tasks_are_read_in_one_request(replica_db: Database) -> None:
+    db = replica_db
+    plain, _ = db.post(new_task())
+    task_id, _ = db.post(new_task())
+    original = db.get(task_id)
+    db.put({**original, "status": "scheduled", "owner": "manobi@node-a:1:aaaa"})
+    branch(db, original, {**original, "status": "scheduled", "owner": OTHER_REPLICA})
+    gone, _ = db.post(new_task())
+    db.put({**db.get(gone), "_deleted": True})
+
+    found = db.leaves_of([plain, task_id, gone, "no-such-task"])
+
+    assert [leaf["_rev"] for leaf in found[plain]] == [db.get(plain)["_rev"]]
+    assert sorted(leaf["owner"] for leaf in found[task_id]) == sorted(
+        ["manobi@node-a:1:aaaa", OTHER_REPLICA]
+    )
+    assert found[gone] == [] and found["no-such-task"] == []
+
+
+def committed_here(worker: Worker, db: Database) -> tuple[str, TaskState]:
+    """A task due in a minute, claimed and committed by `worker` (not started)."""
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    claimed = tasks.claim_update(db.get(task_id), worker.instance, tasks.now())
+    claimed["_rev"] = db.put(claimed)
+    running = tasks.running_update(claimed, worker.instance)
+    running["_rev"] = db.put(running)
+    state = worker.states[task_id] = TaskState(running, local=Local.COMMITTED)
+    worker.pool.hold(task_id, tasks.parse_date(running["date"]).timestamp())
+    worker.pool.commit(task_id)
+    return task_id, state
+
+
+def test_a_commit_is_run_beside_claims_only() -> None:
+    """Which other leaves forbid starting a committed run: anything beyond a claim."""
+    ours = {"_rev": "4-a", "status": "running", "owner": "me", "attempt": 1}
+    claim = {"_rev": "3-b", "status": "scheduled", "owner": "other"}
+    handed_back = {"_rev": "4-c", "status": "waiting"}
+    assert blocking(ours, [claim, handed_back]) == []
+    commit = {**claim, "_rev": "4-d", "status": "running", "attempt": 1}
+    ended = {**commit, "_rev": "5-d", "status": "done", "finished_at": "2026-12-06T22:00:00Z"}
+    cancel = {**claim, "_rev": "4-e", "status": "cancel"}
+    assert blocking(ours, [commit, ended, cancel, claim]) == [commit, ended, cancel]
+    # A run ended on the other branch, and its retry waits: not a claim of our run.
+    retry = {"_rev": "5-f", "status": "waiting", "attempt": 1, "finished_at": "2026-12-06T22:00Z"}
+    assert blocking(ours, [retry]) == [retry]
+
+
+def test_a_commit_that_is_the_only_leaf_starts_its_run(config: Config, db: Database) -> None:
+    worker = Worker(config, "manobi")
+    worker.quorum.copies = 3  # as on a cluster
+    task_id, state = committed_here(worker, db)
+    worker.quorum.confirmed(task_id, db.leaves_of([task_id])[task_id])
+
+    assert task_id in worker.timer  # its start is in the timer, at its date
+    assert state.local is Local.COMMITTED and worker.quorum.held_back_count == 0
+    worker.executor.shutdown()
+
+
+def test_a_commit_rewritten_while_it_was_confirmed_is_read_again_then_run(
+    config: Config, db: Database
+) -> None:
+    """Another instance's conflict resolution rewrote our `running` while its leaves
+    were read: the read named a revision that is no longer ours to go by. Dropping it
+    left the task `running` for good under a live instance (a cluster test's 13 stuck
+    tasks); it is read again, and the run starts from the rewritten version."""
+    worker = Worker(config, "manobi")
+    worker.quorum.copies = 3
+    task_id, state = committed_here(worker, db)
+    read_before = db.leaves_of([task_id])[task_id]
+    rewritten = {**state.doc, "conflicts_resolved": []}
+    rewritten["_rev"] = db.put(rewritten)
+    state.doc = rewritten  # the feed brought it
+
+    worker.quorum.confirmed(task_id, read_before)
+    assert task_id in worker.timer  # to be read again
+    worker.timer.cancel(task_id)
+    worker.quorum.confirmed(task_id, db.leaves_of([task_id])[task_id])
+
+    assert task_id in worker.timer and state.local is Local.COMMITTED
+    assert worker.quorum.held_back_count == 0
+    worker.executor.shutdown()
+
+
+def test_a_commit_beside_another_branch_is_not_run_and_is_handed_back(
+    config: Config, db: Database
+) -> None:
+    """Two instances extended two branches of one task with a 201 each (a partition's
+    branches had spread to every copy): of the two, the one whose read after its
+    commit sees the other's does not run it; it hands it back as the same attempt."""
+    worker = Worker(config, "manobi")
+    worker.quorum.copies = 3
+    task_id, state = committed_here(worker, db)
+    ours = state.doc
+    theirs = {**ours, "_rev": "3-" + "f" * 32, "owner": OTHER_REPLICA}
+
+    worker.quorum.confirmed(task_id, [ours, theirs])
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+
+    assert task_id not in worker.timer and task_id not in worker.started_runs
+    assert state.local is Local.NONE and task_id not in worker.pool.committing
+    assert worker.quorum.held_back_count == 1
+    final = db.get(task_id)
+    assert final["status"] == "waiting" and "attempt" not in final and "owner" not in final
+    worker.executor.shutdown()
+
+
+def test_on_a_cluster_every_run_waits_for_its_commit_to_be_confirmed(
+    db: Database, start_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more than one copy of the database, each commit's leaves are read before
+    the run starts (one request for many): every task runs once, at its date."""
+    reads: list[int] = []
+    leaves_of = Database.leaves_of
+
+    def counted(self: Database, doc_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        reads.append(len(doc_ids))
+        return leaves_of(self, doc_ids)
+
+    monkeypatch.setattr(Database, "leaves_of", counted)
+    monkeypatch.setattr(Worker, "_check_database", copies_as_on_a_cluster(Worker._check_database))
+    ids = [db.post(new_task(date=in_seconds(2)))[0] for _ in range(30)]
+    start_fast()
+    for task_id in ids:
+        assert wait_status(db, task_id, "done", "err", timeout=30)["status"] == "done"
+    assert sum(reads) == len(ids) and len(reads) < len(ids)  # batched
+
+
+def copies_as_on_a_cluster(check: Any) -> Any:
+    def checked(worker: Worker) -> Any:
+        since = check(worker)
+        worker.quorum.copies = 3
+        return since
+
+    return checked

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ import pytest
 from conftest import REPO, new_task, wait_for
 from test_worker import create, in_seconds, recording_jobs, wait_status
 
-from after import embedded, records
+from after import embedded, records, tasks
 from after.config import Config
 from after.couch import Database, Forbidden, Server
+from after.feed import Feed
 from after.push import push
 from after.tasks import Local, parse_date
 from after.worker import TaskState, Worker
@@ -110,6 +112,37 @@ def test_tasks_of_a_killed_instance_are_taken_over_after_its_lease(
     dead_record = db.get(records.record_id(held["owner"]))
     assert dead_record["state"] == "lost"
     assert dead_record["reaped_by"] == survivor.instance
+
+
+def test_a_dead_instances_claim_its_takeover_missed_is_found_later(
+    db: Database, start_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster, a claim stored on a minority of copies (answered 202) can reach the
+    copies a takeover's view is read from only after its instance was judged dead; the
+    feed had brought it while the instance was alive. Its tasks are looked for again
+    for a while, so the claim does not stay `scheduled` under a dead instance. (The
+    copy that had not got it yet is played by hiding the task from the first look.)"""
+    gone = "manobi@elsewhere:1:0dead0"
+    record = records.renewed(
+        records.new_record("manobi", gone, tasks.now()), tasks.now(), timedelta(seconds=2), {}
+    )
+    db.put(record)
+    task_id = create(db, date=in_seconds(4))
+    claimed = tasks.claim_update(db.get(task_id), gone, tasks.now())
+    db.put(claimed)
+    tasks_in = Feed.tasks_in
+
+    def missed_until_reaped(self: Feed, status: str, until: Any) -> Iterator[dict[str, Any]]:
+        # The takeover looks before it marks the record reaped: that look misses it.
+        reaped = db.get(records.record_id(gone))["state"] == "lost"
+        yield from (d for d in tasks_in(self, status, until) if reaped or d["_id"] != task_id)
+
+    monkeypatch.setattr(Feed, "tasks_in", missed_until_reaped)
+    survivor = start_fast()
+    doc = wait_status(db, task_id, "done", timeout=20)
+    assert doc["owner"] == survivor.instance
+    assert doc["takeovers"][-1]["from"] == gone
+    assert db.get(records.record_id(gone))["reaped_by"] == survivor.instance
 
 
 def test_a_job_running_on_a_killed_instance_is_not_silently_rerun(

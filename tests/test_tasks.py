@@ -263,6 +263,31 @@ def test_a_losing_revision_that_got_further_than_the_winner_is_kept() -> None:
     assert tasks.resolve_conflict({**done, "_conflicts": ["5-e"]}, [lost])[0]["_rev"] == "4-d"
 
 
+def test_a_runs_own_end_is_kept_over_a_worker_lost_judged_by_the_other_side() -> None:
+    """A partition: the majority judged the cut-off instance dead and failed its run
+    as "worker lost"; the instance had finished the run, and its `done` was stored on
+    the minority side. Whichever revision CouchDB picks, what the run did is kept."""
+    ran = {"attempt": 1, "started_at": "2026-12-01T09:30:00.100Z"}
+    done = doc("done", OTHER, _rev="4-d", finished_at="2026-12-01T09:30:00.200Z", **ran)
+    lost = doc(
+        "err",
+        OTHER,
+        _rev="4-l",
+        _conflicts=["4-d"],
+        finished_at="2026-12-01T09:30:09.000Z",
+        error=tasks.lost_outcome(done, tasks.now())["error"],
+        **ran,
+    )
+    updated, *deletions = tasks.resolve_conflict(lost, [done])
+    assert (updated["_rev"], updated["status"]) == ("4-d", "done")
+    assert [d["_rev"] for d in deletions] == ["4-l"]
+    # Not another instance's end, nor another attempt's.
+    someone_else = {**done, "owner": ME}
+    assert tasks.resolve_conflict(lost, [someone_else])[0]["_rev"] == "4-l"
+    earlier = {**done, "attempt": 0}
+    assert tasks.resolve_conflict(lost, [earlier])[0]["_rev"] == "4-l"
+
+
 @pytest.mark.parametrize(
     "winner, loser",
     [
@@ -312,6 +337,24 @@ def test_a_run_ends_on_its_own_branch_when_another_branch_won_meanwhile() -> Non
     theirs = {"_rev": "3-y", "status": "running", "owner": "other", "attempt": 1}
     assert tasks.outcome_base(theirs, run_doc, "me") is run_doc
     assert tasks.outcome_base(handed_back, None, "me") is handed_back  # nothing better known
+
+
+def test_a_refused_outcome_over_another_instances_running_names_the_run_that_happened() -> None:
+    run_doc = {"_rev": "3-a", "status": "running", "owner": "me", "attempt": 1}
+    at = tasks.parse_date("2026-12-06T22:00:00Z")
+    # On a cluster: our branch was deleted by a resolution that kept the other's claim.
+    theirs = {"_rev": "4-y", "status": "running", "owner": "other", "attempt": 1}
+    base = tasks.outcome_base_over(theirs, run_doc, "me", at)
+    assert (base["_rev"], base["owner"], base["attempt"]) == ("4-y", "me", 1)
+    assert base["takeovers"] == [{"from": "other", "status": "running", "at": tasks.iso(at)}]
+    mine = {**run_doc, "_rev": "4-a"}
+    canceled = {**theirs, "status": "cancel"}
+    assert tasks.outcome_base_over(mine, run_doc, "me", at) is mine
+    assert tasks.outcome_base_over(canceled, run_doc, "me", at) is canceled
+    assert tasks.outcome_base_over(theirs, None, "me", at) is theirs  # nothing better known
+    # Our run was judged lost (its lease ran out) and the task's next attempt runs.
+    retried = {**theirs, "attempt": 2}
+    assert tasks.outcome_base_over(retried, run_doc, "me", at) is None
 
 
 def test_a_running_never_started_is_handed_back_as_the_same_attempt() -> None:
