@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -59,8 +60,9 @@ class Quorum:
         self.worker = worker
         self.lost = False  # read by every thread; set and cleared under `lock`
         self.lock = threading.Lock()
-        # Tasks whose version on our side may conflict with the other side's.
-        self.suspect: set[str] = set()
+        # Tasks whose version on our side may conflict with the other side's (id -> since
+        # when, monotonic): read from a quorum of copies before a claim, and audited.
+        self.suspect: dict[str, float] = {}
         self.held_back_count = 0  # claims and commits not acted on, for tests and status
         # Copies of the database (a cluster's n): with more than one, commits are confirmed.
         self.copies = 1
@@ -92,7 +94,7 @@ class Quorum:
     def seen(self, task_id: str) -> None:
         """A version of a task reached us: while cut off, it is a minority-side version."""
         if self.lost:
-            self.suspect.add(task_id)
+            self.suspect.setdefault(task_id, time.monotonic())
 
     # -- a claim or a commit answered 202 -------------------------------------------------
     def held_back(self, task_id: str, state: TaskState, written: Doc, row: dict[str, Any]) -> bool:
@@ -100,7 +102,7 @@ class Quorum:
         it is not acted on: the task is released here and handed back on our side
         (True). Any other write (an outcome, a hand-back) stands as written (False)."""
         worker = self.worker
-        self.suspect.add(task_id)
+        self.suspect.setdefault(task_id, time.monotonic())
         if written.get("owner") != worker.instance or written.get("status") not in (
             "scheduled",
             "running",
@@ -142,7 +144,7 @@ class Quorum:
             worker.conflicts.recheck_later(task_id, delay=worker.heartbeat)
             return False
         if len(leaves) == 1 and leaves[0]["_rev"] == state.doc["_rev"]:
-            self.suspect.discard(task_id)
+            self.suspect.pop(task_id, None)
             return True
         if not leaves:  # deleted meanwhile
             worker.forget(task_id)
@@ -158,12 +160,15 @@ class Quorum:
         return False
 
     # -- a commit answered 201, before its run starts ---------------------------------------
+    def leaf_reader(self) -> LeafReader:
+        if self.reader is None:
+            self.reader = LeafReader(self.worker.db)
+        return self.reader
+
     def confirm(self, task_id: str, state: TaskState) -> None:
         """Read the committed task's leaves; its run starts once no other leaf may run it."""
         worker = self.worker
-        if self.reader is None:
-            self.reader = LeafReader(worker.db)
-        self.reader.read(
+        self.leaf_reader().read(
             task_id, lambda leaves: worker.control.put(lambda: self.confirmed(task_id, leaves))
         )
 
@@ -190,7 +195,7 @@ class Quorum:
         if not others:
             return worker.runner.schedule_start(task_id, state)
         self.held_back_count += 1
-        self.suspect.add(task_id)
+        self.suspect.setdefault(task_id, time.monotonic())
         log.warning(
             "task %s: its commit stands beside %d other revision(s) %s; not run, handed back",
             task_id,
@@ -206,6 +211,39 @@ class Quorum:
         state = self.worker.states.get(task_id)
         if state is not None and state.local is Local.COMMITTED:
             self.confirm(task_id, state)
+
+    # -- the suspect tasks, audited once a lease ---------------------------------------------
+    def audit(self) -> None:
+        """On the control thread: read again the suspect tasks this instance holds nothing
+        of. A claim of ours stored on a minority of copies whose hand-back was refused
+        (the copies it went to had not got the claim) shows up on the others only once
+        the copies converge, with no news on the feed: it would stay `scheduled` under a
+        live instance that holds nothing of it (a cluster test's 8 tasks)."""
+        worker = self.worker
+        if self.lost:
+            return  # read through a node cut off: nothing to go by yet
+        now, keep_for = time.monotonic(), SUSPECT_LEASES * worker.lease.total_seconds()
+        self.suspect = {i: since for i, since in self.suspect.items() if now - since < keep_for}
+        reader = self.leaf_reader()
+        for task_id in [i for i in self.suspect if i not in worker.states]:
+            reader.read(
+                task_id,
+                lambda leaves, t=task_id: worker.control.put(lambda: self.audited(t, leaves)),
+            )
+
+    def audited(self, task_id: str, leaves: list[Doc] | None) -> None:
+        """A suspect task's leaves: decided on again unless it has ended for good."""
+        worker = self.worker
+        if leaves is None or task_id in worker.states:
+            return
+        winner = max(
+            leaves, key=lambda leaf: (tasks.rev_number(leaf["_rev"]), leaf["_rev"]), default=None
+        )
+        if winner is None or (len(leaves) == 1 and winner.get("status") in ENDED):
+            self.suspect.pop(task_id, None)
+            return
+        others = [leaf["_rev"] for leaf in leaves if leaf is not winner]
+        worker.seen({**winner, "_conflicts": others} if others else winner, fresh=True)
 
 
 # Leaves beside our committed `running` that got no further than a claim of the run
@@ -227,6 +265,10 @@ def blocking(ours: Doc, others: list[Doc]) -> list[Doc]:
         for leaf in others
         if leaf.get("status") not in BEHIND_A_COMMIT or tasks.progress(leaf) > claimed
     ]
+
+
+SUSPECT_LEASES = 10  # for how many leases a suspect task is audited
+ENDED = frozenset({"done", "err", "canceled"})
 
 
 class LeafReader:

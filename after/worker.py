@@ -265,6 +265,7 @@ class Worker:
                     next_sweep = now + self.sweep_every
                 if now >= next_rescan:
                     membership.look_again_for_tasks_of_the_dead()
+                    self.control.put(self.quorum.audit)
                     next_rescan = now + self.lease.total_seconds()
                 backoff = 0.5
                 wait = min(next_peers, next_sweep, next_rescan) - time.monotonic()

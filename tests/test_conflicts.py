@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -516,3 +517,30 @@ def copies_as_on_a_cluster(check: Any) -> Any:
         return since
 
     return checked
+
+
+def test_a_suspect_claim_of_ours_that_nothing_brings_back_is_found_by_the_audit(
+    config: Config, db: Database
+) -> None:
+    """On a cluster, our claim answered 202 was handed back, the hand-back refused (the
+    copies it reached had not got the claim), and the claim reached every copy later,
+    with no news on the feed: the task said `scheduled` under this live instance, which
+    held nothing of it (a cluster test's 8 stuck tasks). The audit of suspect tasks
+    finds it, and the instance holds it again; a task that has ended is no longer
+    suspect."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    db.put(tasks.claim_update(db.get(task_id), worker.instance, tasks.now()))
+    ended, _ = db.post(new_task())
+    running = tasks.running_update(db.get(ended), worker.instance)
+    running["_rev"] = db.put(running)
+    db.put(tasks.outcome_update(running, tasks.outcome_fields(tasks.now(), tasks.now())))
+    worker.quorum.suspect = {task_id: time.monotonic(), ended: time.monotonic()}
+
+    worker.quorum.audit()
+    for _ in range(2):  # the leaf reader's answers, as the control thread runs them
+        worker.control.get(timeout=10)()
+
+    assert worker.states[task_id].local is Local.HELD and task_id in worker.timer
+    assert list(worker.quorum.suspect) == [task_id]
+    worker.executor.shutdown()
