@@ -64,6 +64,14 @@ class Conflicts:
             log.info("task %s: a losing revision got further with it than the winner", task_id)
             state.resolving = True  # that run's end, not ours: forgotten once written
         state.losers = losers
+        if updated["_rev"] != winner["_rev"]:
+            # A losing revision is kept (it got further): the others, the winner among
+            # them, are deleted first. PouchDB Server checks a write on a losing
+            # revision against the winner (an `err` may not become `done`), and what is
+            # deleted here is a claim or a "worker lost" judgement, not a run.
+            for loser in losers:
+                worker.writer.write(loser, lambda row: None)
+            state.losers = []
         worker.writes.write(task_id, updated)
 
     def recheck_later(self, task_id: str, delay: float = 1.0) -> None:
