@@ -446,6 +446,12 @@ def test_a_killed_instance_is_taken_over_and_nothing_runs_twice(
     # and ran there once; the runs it had committed to are marked lost, not rerun.
     for task_id, status in held.items():
         doc = docs[task_id]
+        if status == "running" and "takeovers" not in doc:
+            # Its run's end was in flight when the instance was killed and landed after
+            # the read at its death (a slow server under load): ended by its own run.
+            assert doc["owner"] == dead and doc["status"] in ("done", "err"), (task_id, doc)
+            assert [run.pid for run in runs[task_id]] == [victim.pid], (task_id, doc)
+            continue
         takeover = doc["takeovers"][-1]
         assert takeover["from"] == dead, (task_id, doc)
         if status == "scheduled":
@@ -458,7 +464,8 @@ def test_a_killed_instance_is_taken_over_and_nothing_runs_twice(
     taken_over = [
         i for i, d in docs.items() if any(t["from"] == dead for t in d.get("takeovers", []))
     ]
-    assert set(held) <= set(taken_over)
+    ended_by_dead = {i for i, d in docs.items() if d.get("owner") == dead and "takeovers" not in d}
+    assert set(held) <= set(taken_over) | ended_by_dead
     # The reaper marks the record once it has read the dead one's tasks (a view query,
     # which can lag behind a burst of writes on PouchDB Server).
     record = wait_for(
