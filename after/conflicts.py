@@ -13,17 +13,22 @@ a read or a write of it failed and the feed may bring nothing new.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from after import tasks
 from after.couch import CouchError
-from after.tasks import TaskState
+from after.tasks import Doc, TaskState
 
 if TYPE_CHECKING:
     from after.worker import Worker
 
 log = logging.getLogger("after.worker")
+
+# How long a conflict is left to the instance that claims its task first, while that
+# instance is at work, before another resolves it: rechecks after 1, 2, 4 and 8 s.
+PATIENCE = 8.0
 
 
 class Conflicts:
@@ -57,22 +62,40 @@ class Conflicts:
         if updated == {k: v for k, v in winner.items() if k != "_conflicts"}:
             # Every loser is on record already (the other replica resolved it first):
             # an unchanged record would be refused (a done task cannot change).
-            for loser in losers:
-                worker.writer.write(loser, lambda row: None)
+            self.delete(losers)
             return worker.decide(task_id, state)
         if updated.get("status") != winner.get("status"):
             log.info("task %s: a losing revision got further with it than the winner", task_id)
             state.resolving = True  # that run's end, not ours: forgotten once written
-        state.losers = losers
         if updated["_rev"] != winner["_rev"]:
             # A losing revision is kept (it got further): the others, the winner among
             # them, are deleted first. PouchDB Server checks a write on a losing
             # revision against the winner (an `err` may not become `done`), and what is
             # deleted here is a claim or a "worker lost" judgement, not a run.
-            for loser in losers:
-                worker.writer.write(loser, lambda row: None)
-            state.losers = []
-        worker.writes.write(task_id, updated)
+            self.delete(losers)
+            losers = []
+        worker.writes.write(task_id, updated, losers=losers)
+
+    def delete(self, losers: Sequence[Doc]) -> None:
+        """Delete a resolved conflict's losing revisions. A refusal is only logged: the
+        conflict is then still there, and the feed brings it to be resolved again."""
+        for loser in losers:
+            self.worker.writer.write(loser, lambda row, rev=loser["_rev"]: self.deleted(row, rev))
+
+    @staticmethod
+    def deleted(row: dict[str, Any], rev: str) -> None:
+        if row.get("error") == "conflict":
+            # No longer a leaf: deleted already (both sides resolved the conflict), or
+            # written on since, which the feed brings as a conflict to resolve again.
+            log.debug("task %s: its losing revision %s is gone already", row.get("id"), rev)
+        elif row.get("error"):
+            log.warning(
+                "task %s: deleting its losing revision %s refused: %s: %s",
+                row.get("id"),
+                rev,
+                row.get("error"),
+                row.get("reason"),
+            )
 
     def recheck_later(self, task_id: str, delay: float = 1.0) -> None:
         worker = self.worker
@@ -94,6 +117,15 @@ class Conflicts:
             return worker.forget(task_id)
         if latest.get("_conflicts"):
             state.doc = latest
+            membership = worker.membership
+            if (
+                delay < PATIENCE
+                and not membership.claims_first(task_id)
+                and membership.first_claimer_may_be_at_work(task_id)
+            ):
+                # Its resolution may be on its way (writes are slow under load): two
+                # at once, on two replicas, would only make a conflict of their own.
+                return self.recheck_later(task_id, delay * 2)
             return self.resolve(task_id, state)
         if latest["_rev"] == state.doc["_rev"] and not state.doc.get("_conflicts"):
             return  # the feed brought it meanwhile, and it was decided on

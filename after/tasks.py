@@ -62,8 +62,6 @@ class TaskState:
     run_at: datetime | None = None  # when the job starts: its date, or now when it must fail
     spawned: list[datetime] = field(default_factory=list)  # overlapping occurrences handed off
     resolving: bool = False  # held only to resolve a conflict of a run that had ended
-    # A conflict's losing revisions, deleted once the winner recording them has landed.
-    losers: list[Doc] = field(default_factory=list)
     run_doc: Doc | None = None  # the committed version the running job started from
     outcome_base: Doc | None = None  # the version the run's outcome is written on
     # A run's outcome until it is stored: a write of it refused while a conflict was
@@ -384,6 +382,7 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
         None if ended is not None else furthest(winner, losers) or run_judged_lost(winner, losers)
     ) or winner
     gone = [doc for doc in (winner, *losers) if doc is not keep]
+    base = keep if ended is None else {**ended, "_rev": winner["_rev"]}
     seen = [
         {
             "rev": doc["_rev"],
@@ -392,6 +391,7 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
             "attempt": doc.get("attempt"),
         }
         for doc in gone
+        if not same_content(doc, keep)
     ]
     # A loser may itself record an earlier resolution (the other replica's): keep those too.
     earlier = [
@@ -403,7 +403,6 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     recorded: dict[Any, dict[str, Any]] = {}
     for entry in [*earlier, *seen]:
         recorded.setdefault(entry.get("rev"), entry)
-    base = keep if ended is None else {**ended, "_rev": winner["_rev"]}
     kept = {k: v for k, v in base.items() if k != "_conflicts"}
     updated = _update(kept, conflicts_resolved=list(recorded.values())[-20:])
     deletions = [
@@ -411,6 +410,18 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
         for doc in gone
     ]
     return [updated, *deletions]
+
+
+def same_content(doc: Doc, other: Doc) -> bool:
+    """The same version of the task under two revisions, apart from the record of
+    resolved conflicts: two resolutions of one conflict made at once on two replicas
+    (PouchDB Server draws revision ids at random; CouchDB derives them from the
+    content). Such a loser is no other run, and recording it would make each side's
+    next resolution differ from the other's again, with no end."""
+    ignored = ("_rev", "_conflicts", "conflicts_resolved")
+    return {k: v for k, v in doc.items() if k not in ignored} == {
+        k: v for k, v in other.items() if k not in ignored
+    }
 
 
 def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:

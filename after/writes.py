@@ -12,7 +12,7 @@ it is, and that version of it is not taken up again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from after.couch import CouchError, is_own_write, refused_as_is, unconfirmed
@@ -31,8 +31,13 @@ class Writes:
         # not written again until someone changes them.
         self.unstorable: dict[str, str] = {}
 
-    def write(self, task_id: str, doc: Doc, within: float = 0.0) -> None:
-        self.send(task_id, doc, lambda row: self.written(task_id, doc, row), within)
+    def write(
+        self, task_id: str, doc: Doc, within: float = 0.0, losers: Sequence[Doc] = ()
+    ) -> None:
+        """Write a version of a task; `losers` are a conflict's losing revisions that
+        `doc` records, deleted once it has landed (bound to this write, not to the
+        task's state, which may be forgotten and made anew while the write is out)."""
+        self.send(task_id, doc, lambda row: self.written(task_id, doc, row, losers), within)
 
     def send(
         self,
@@ -60,12 +65,15 @@ class Writes:
             worker.feed.forget_echo(task_id)  # refused: the feed may have nothing new to bring
         return state, newer
 
-    def written(self, task_id: str, doc: Doc, row: dict[str, Any]) -> None:
+    def written(
+        self, task_id: str, doc: Doc, row: dict[str, Any], losers: Sequence[Doc] = ()
+    ) -> None:
         worker = self.worker
         if (answer := self.answer(task_id, row)) is None:
+            if not row.get("error") and not unconfirmed(row):
+                worker.conflicts.delete(losers)  # recorded on the winner now
             return
         state, newer = answer
-        losers, state.losers = state.losers, []
         if row.get("error") and doc.get("status") == "running":
             worker.pool.uncommit(task_id)  # the commit did not land: its slot is free again
             worker.runner.commit_waiting()
@@ -79,8 +87,7 @@ class Writes:
         if not row.get("error"):
             if unconfirmed(row) and worker.quorum.held_back(task_id, state, doc, row):
                 return worker.maybe_finish_stop()
-            for loser in losers:  # recorded on the winner now: delete them
-                worker.writer.write(loser, lambda row: None)
+            worker.conflicts.delete(losers)  # recorded on the winner now
             state.doc = {**doc, "_rev": row["rev"]}
             self.after_write(task_id, state)
             if newer and is_news(newer, state.doc):
@@ -164,7 +171,12 @@ class Writes:
             worker.conflicts.recheck_later(task_id)
             return None
         if latest is not None and latest["_rev"] != written["_rev"]:
-            log.info("task %s changed under us (%s); deciding again", task_id, row.get("error"))
+            log.info(
+                "task %s changed under us (%s: %s); deciding again",
+                task_id,
+                row.get("error"),
+                row.get("reason"),
+            )
             return latest
         if latest is not None:  # a real refusal: report it, never loop on it
             log.error(

@@ -247,6 +247,40 @@ def test_a_conflict_that_came_while_the_outcome_was_written_is_resolved(
     worker.executor.shutdown()
 
 
+def test_a_conflicts_losers_are_deleted_even_if_the_task_was_forgotten_meanwhile(
+    config: Config, replica_db: Database
+) -> None:
+    """The losers of a resolution are bound to the write that records them. The task's
+    state may be forgotten (and made anew from the feed) while that write is out; the
+    losers were then never deleted, and the task stayed in conflict for good on both
+    replicas (the two-replica test on a loaded CI machine: 101 tasks)."""
+    db = replica_db
+    worker, original, ours = our_run(config, db)
+    task_id = original["_id"]
+    done = {**ours, "status": "done", "started_at": ours["date"], "ended_at": ours["date"]}
+    db.put(done)
+    other_run = {**done, "owner": OTHER_REPLICA}
+    branch(db, original, {**original, "status": "running", "owner": OTHER_REPLICA}, other_run)
+    push(db)
+    conflicted = db.get(task_id, conflicts=True)
+    assert conflicted.get("_conflicts"), "the test needs a real conflict"
+    state = worker.states[task_id] = TaskState(conflicted)
+
+    worker.conflicts.resolve(task_id, state)  # the record of the loser is written
+    worker.forget(task_id)
+    worker.states[task_id] = TaskState(db.get(task_id, conflicts=True))  # made anew
+    worker.writer.start()
+    worker.control.get(timeout=10)()  # the answer: the record landed
+    worker.writer.stop()  # sends the deletion
+
+    final = db.get(task_id, conflicts=True)
+    assert not final.get("_conflicts"), final
+    assert [(r["owner"], r["status"]) for r in final["conflicts_resolved"]] == [
+        (OTHER_REPLICA, "done")
+    ]
+    worker.executor.shutdown()
+
+
 def test_an_outcome_refused_because_the_other_replica_ended_the_task_is_recorded(
     config: Config, replica_db: Database
 ) -> None:

@@ -215,6 +215,25 @@ def test_a_conflict_is_resolved_by_recording_every_losing_run_on_the_winner() ->
     assert again["conflicts_resolved"] == updated["conflicts_resolved"]
 
 
+def test_two_resolutions_of_one_conflict_made_at_once_on_two_replicas_converge() -> None:
+    """Both sides resolved the same conflict (each judged the other instance gone):
+    the same content under two revision ids, as PouchDB Server draws them at random.
+    The loser is only deleted; recording it would make the next two resolutions
+    differ again, and the task would stay in conflict for good."""
+    record = [{"rev": "3-l", "status": "done", "owner": OTHER, "attempt": 1}]
+    east = doc("done", ME, _rev="4-e", attempt=1, conflicts_resolved=record)
+    west = {**east, "_rev": "4-f"}
+
+    updated, *deletions = tasks.resolve_conflict({**west, "_conflicts": ["4-e"]}, [east])
+
+    assert updated == west  # nothing new to write: only the twin goes
+    assert deletions == [{"_id": "t1", "_rev": "4-e", "_deleted": True, "resolves_conflict": True}]
+    # A twin with more on record still brings its record.
+    more = [*record, {"rev": "3-m", "status": "running", "owner": OTHER, "attempt": 2}]
+    updated, *_ = tasks.resolve_conflict(west, [{**east, "conflicts_resolved": more}])
+    assert updated["conflicts_resolved"] == more
+
+
 def test_a_run_still_under_way_on_the_winner_takes_its_end_from_a_losing_revision() -> None:
     """Between replicas the run's `done` can lose to an older write about the same run
     (a resolution recorded on its `running`): the end is the newer news and is kept."""
