@@ -13,13 +13,14 @@ a read or a write of it failed and the feed may bring nothing new.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from after import tasks
 from after.couch import CouchError
-from after.tasks import Doc, TaskState
+from after.tasks import Doc, Local, TaskState
 
 if TYPE_CHECKING:
     from after.worker import Worker
@@ -29,11 +30,15 @@ log = logging.getLogger("after.worker")
 # How long a conflict is left to the instance that claims its task first, while that
 # instance is at work, before another resolves it: rechecks after 1, 2, 4 and 8 s.
 PATIENCE = 8.0
+ENDED = ("done", "err", "canceled")
+OWNER_PATIENCE = 15.0
 
 
 class Conflicts:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        # Tasks whose conflict is left to the instance whose run it holds: since when.
+        self.deferred: dict[str, float] = {}
 
     def resolve(self, task_id: str, state: TaskState) -> None:
         """Two writes both landed (replicated nodes, a partitioned cluster): keep
@@ -50,6 +55,9 @@ class Conflicts:
         except CouchError as exc:
             log.warning("task %s: could not read its conflicting revisions (%s)", task_id, exc)
             return self.recheck_later(task_id)
+        if self.left_to_a_runs_owner(task_id, [winner, *found]):
+            return self.recheck_later(task_id, 2.0)
+        self.deferred.pop(task_id, None)
         log.warning(
             "task %s has %d conflicting revision(s) %s; keeping %s",
             task_id,
@@ -57,24 +65,58 @@ class Conflicts:
             [(d.get("owner"), d.get("status")) for d in found],
             winner["_rev"],
         )
-        updated, *losers = tasks.resolve_conflict(winner, found)
+        judged_winner, *judged_found = self.as_judged(task_id, state, [winner, *found])
+        updated, *losers = tasks.resolve_conflict(judged_winner, judged_found)
         state.doc = {**winner, "_conflicts": []}
         if updated == {k: v for k, v in winner.items() if k != "_conflicts"}:
             # Every loser is on record already (the other replica resolved it first):
             # an unchanged record would be refused (a done task cannot change).
             self.delete(losers)
             return worker.decide(task_id, state)
-        if updated.get("status") != winner.get("status"):
+        if updated.get("status") != winner.get("status") and updated.get("status") in ENDED:
             log.info("task %s: a losing revision got further with it than the winner", task_id)
             state.resolving = True  # that run's end, not ours: forgotten once written
         if updated["_rev"] != winner["_rev"]:
-            # A losing revision is kept (it got further): the others, the winner among
-            # them, are deleted first. PouchDB Server checks a write on a losing
-            # revision against the winner (an `err` may not become `done`), and what is
-            # deleted here is a claim or a "worker lost" judgement, not a run.
+            # A losing revision is kept (it got further, or is a client's move): the
+            # others, the winner among them, are deleted first. PouchDB Server checks a
+            # write on a losing revision against the winner (an `err` may not become
+            # `done`), and what is deleted here is a claim, a commit whose run the kept
+            # cancel carries, or a "worker lost" judgement, not a run's end.
             self.delete(losers)
             losers = []
         worker.writes.write(task_id, updated, losers=losers)
+
+    def left_to_a_runs_owner(self, task_id: str, leaves: list[Doc]) -> bool:
+        """A client's reschedule beside another live instance's commit: whether that
+        run began only its instance knows, so it resolves the conflict (for at most
+        OWNER_PATIENCE seconds; then any instance does, and the run counts as begun)."""
+        worker = self.worker
+        if not any(leaf.get("status") == "reschedule" for leaf in leaves):
+            return False
+        owners = {leaf.get("owner") for leaf in leaves if leaf.get("status") == "running"}
+        if not any(
+            owner not in (None, worker.instance) and worker.membership.owner_alive(owner)
+            for owner in owners
+        ):
+            return False
+        since = self.deferred.setdefault(task_id, time.monotonic())
+        return time.monotonic() - since < OWNER_PATIENCE
+
+    def as_judged(self, task_id: str, state: TaskState, leaves: list[Doc]) -> list[Doc]:
+        """The leaves as the resolution is to weigh them: beside a client's reschedule,
+        a commit of ours whose run never began here counts as handed back (its attempt
+        given back), so the reschedule stands (after.tasks.client_move)."""
+        worker = self.worker
+        if not any(leaf.get("status") == "reschedule" for leaf in leaves):
+            return leaves
+        if task_id in worker.started_runs or state.local is Local.RUNNING:
+            return leaves
+        return [
+            tasks.unstarted_hand_back_update(leaf)
+            if leaf.get("status") == "running" and leaf.get("owner") == worker.instance
+            else leaf
+            for leaf in leaves
+        ]
 
     def delete(self, losers: Sequence[Doc]) -> None:
         """Delete a resolved conflict's losing revisions. A refusal is only logged: the

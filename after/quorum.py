@@ -249,7 +249,9 @@ class Quorum:
 # Leaves beside our committed `running` that got no further than a claim of the run
 # it starts: a run started from one must first commit and confirm, and its confirming
 # read then sees ours.
-BEHIND_A_COMMIT = frozenset({"waiting", "scheduled", "reschedule"})
+# A client's reschedule beside our commit is not behind it: the run is not started,
+# and the conflict's resolution keeps the new date (after.tasks.client_move).
+BEHIND_A_COMMIT = frozenset({"waiting", "scheduled"})
 
 
 def blocking(ours: Doc, others: list[Doc]) -> list[Doc]:

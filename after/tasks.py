@@ -372,6 +372,12 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
       is kept. (Kept as its own revision, not as the winner's content: the status
       change may be one no worker may write, such as waiting -> done or err -> done.)
 
+    A client's move stands over the workers' side, whichever revision CouchDB picks
+    (after.tasks.client_move): a cancel always, a reschedule if no run was committed
+    beside it. On a cluster a client's write can be answered `202` and lose the
+    conflict to a claim made at the same moment; dropping it would undo a request
+    the client was told was accepted.
+
     Conflicts arise only between replicated nodes or in a cluster (a partition, or
     two claims through two nodes at once), where two writes based on the same
     revision can both be accepted. The record holds no time, so two resolutions of
@@ -381,8 +387,11 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     keep = (
         None if ended is not None else furthest(winner, losers) or run_judged_lost(winner, losers)
     ) or winner
-    gone = [doc for doc in (winner, *losers) if doc is not keep]
     base = keep if ended is None else {**ended, "_rev": winner["_rev"]}
+    others = [doc for doc in (winner, *losers) if doc is not keep]
+    if ended is None and (move := client_move(keep, others)) is not None:
+        keep, base = move, moved(move, keep)
+    gone = [doc for doc in (winner, *losers) if doc is not keep]
     seen = [
         {
             "rev": doc["_rev"],
@@ -412,6 +421,51 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     return [updated, *deletions]
 
 
+# Statuses only a client writes (rules.json): a revision with one is a client's move.
+CLIENT_MOVES = ("cancel", "reschedule")
+WORKER_FIELDS: list[str] = RULES["worker_fields"]
+
+
+def latest(docs: list[Doc]) -> Doc | None:
+    """The latest of several revisions: the same choice on every node."""
+    return max(docs, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
+
+
+def client_move(kept: Doc, others: list[Doc]) -> Doc | None:
+    """The client's cancel or reschedule among a conflict's other revisions that must
+    stand over `kept` (the workers' side), or None; of several, a cancel, then the
+    latest revision (the same choice on every node).
+
+    A cancel stands unless the task has ended (`done`, `canceled`, `err`): it stops a
+    run committed meanwhile too (see `moved`). So does a cancel already carried out
+    (`canceled`, written by a worker on the client's side: a claim or commit on the
+    other side must not bring the task back). A reschedule stands only if no run was
+    committed beside it: a run that may have begun cannot be moved to another date,
+    and the reschedule is recorded as a losing revision instead."""
+    if kept.get("status") in (*CLIENT_MOVES, *FINAL, "err"):
+        return None
+    cancels = [doc for doc in others if doc.get("status") == "canceled"] or [
+        doc for doc in others if doc.get("status") == "cancel"
+    ]
+    reschedules = [
+        doc
+        for doc in others
+        if doc.get("status") == "reschedule" and progress(doc) >= progress(kept)
+    ]
+    return latest(cancels or reschedules)
+
+
+def moved(move: Doc, kept: Doc) -> Doc:
+    """The client's move as it is kept: its own revision, with what the workers did on
+    the other side (owner, attempt, run history: every worker field) when a run was
+    committed there, so the instance running it sees a cancel of its own run."""
+    if progress(kept) <= progress(move) or move.get("status") in FINAL:
+        return move  # a final version cannot take other worker fields
+    client_side = {k: v for k, v in move.items() if k not in WORKER_FIELDS}
+    workers_side = {k: v for k, v in kept.items() if k in WORKER_FIELDS}
+    return {**client_side, **workers_side}
+
+
 def same_content(doc: Doc, other: Doc) -> bool:
     """The same version of the task under two revisions, apart from the record of
     resolved conflicts: two resolutions of one conflict made at once on two replicas
@@ -436,7 +490,7 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
         and loser.get("owner") == winner.get("owner")
         and loser.get("attempt") == winner.get("attempt")
     ]
-    return max(ends, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
+    return latest(ends)
 
 
 def run_judged_lost(winner: Doc, losers: list[Doc]) -> Doc | None:
@@ -452,7 +506,7 @@ def run_judged_lost(winner: Doc, losers: list[Doc]) -> Doc | None:
         and loser.get("owner") == winner.get("owner")
         and loser.get("attempt") == winner.get("attempt")
     ]
-    return max(ends, key=lambda d: (rev_number(d["_rev"]), d["_rev"]), default=None)
+    return latest(ends)
 
 
 def progress(doc: Doc) -> tuple[str, int]:

@@ -367,7 +367,9 @@ class Worker:
     def act_on(self, task_id: str, state: TaskState) -> None:
         """Decide on the task's current version; a conflicted one is resolved first."""
         if state.doc.get("_conflicts"):
-            if self.membership.claims_first(task_id):
+            mine = state.doc.get("status") == "running" and state.doc.get("owner") == self.instance
+            if mine or self.membership.claims_first(task_id):
+                # Our own run's conflict is ours to resolve: we know if it began.
                 return self.conflicts.resolve(task_id, state)
             # The instance that claims it first resolves it (two resolving at once,
             # on two replicas, would make a new conflict); we do if it has not.

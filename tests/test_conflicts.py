@@ -99,6 +99,48 @@ def test_a_runs_end_that_lost_the_conflict_to_its_running_is_kept(
         db.delete()
 
 
+@pytest.mark.parametrize("workers_side", ["scheduled", "running"])
+def test_a_clients_cancel_that_lost_the_conflict_to_a_worker_still_cancels(
+    server: Server, db_name: str, config: Config, start_fast, workers_side: str
+) -> None:
+    """A cluster: a client's cancel and another instance's claim (or commit) were both
+    based on the same version; the worker's write won, the client's was answered 202
+    and surfaced as the losing revision. The task still ends `canceled`, with the
+    worker's write recorded; a commit's run is not started again by anyone.
+    (Conflict made before the design doc is deployed: see the first test.)"""
+    db = server.database(db_name + "-cancel")
+    db.create()
+    try:
+        other = "manobi@node-a:1:aaaa"  # an instance that is gone
+        task_id, _ = db.post(new_task(date=in_seconds(-5)))
+        original = db.get(task_id)
+        attempt = 1 if workers_side == "running" else 0
+        worker_rev = db.put(
+            {**original, "status": workers_side, "owner": other, "attempt": attempt}
+        )
+        generation, parent = original["_rev"].split("-")
+        cancel = {
+            **original,
+            "_rev": f"{int(generation) + 1}-{'0' * 32}",  # loses to the worker's (higher id)
+            "_revisions": {"start": int(generation) + 1, "ids": ["0" * 32, parent]},
+            "status": "cancel",
+        }
+        db.server.json("POST", f"{db.path}/_bulk_docs", body={"docs": [cancel], "new_edits": False})
+        conflicted = db.get(task_id, conflicts=True)
+        assert conflicted["_rev"] == worker_rev and conflicted["_conflicts"] == [cancel["_rev"]]
+        push(db)
+        start_fast(config_=config.override(db=db.name))
+        final = wait_status(db, task_id, "canceled", timeout=20)
+        assert not db.get(task_id, conflicts=True).get("_conflicts")
+        assert final["conflicts_resolved"] == [
+            {"rev": worker_rev, "status": workers_side, "owner": other, "attempt": attempt}
+        ]
+        if workers_side == "running":  # the run it stopped is on the task
+            assert (final["owner"], final["attempt"]) == (other, 1)
+    finally:
+        db.delete()
+
+
 def test_a_conflict_already_on_record_is_resolved_by_deleting_its_losers(
     couch_url: str, server: Server, db: Database, start_fast
 ) -> None:

@@ -307,6 +307,81 @@ def test_a_runs_own_end_is_kept_over_a_worker_lost_judged_by_the_other_side() ->
     assert tasks.resolve_conflict(lost, [earlier])[0]["_rev"] == "4-l"
 
 
+NEW_DATE = "2026-12-01T10:00:00Z"
+
+
+@pytest.mark.parametrize("cancel_wins", [True, False], ids=["cancel won", "claim won"])
+def test_a_clients_cancel_beside_a_claim_stands_whichever_revision_wins(cancel_wins: bool) -> None:
+    """A cluster: the client's cancel (answered 202, stored on one copy) and a worker's
+    claim were both based on the waiting task. The cancel is kept; the claim recorded."""
+    cancel = doc("cancel", _rev="3-c", attempt=0)
+    claim = doc("scheduled", ME, _rev="3-s", attempt=0, claimed_at="2026-12-01T09:29:59Z")
+    winner, loser = (cancel, claim) if cancel_wins else (claim, cancel)
+
+    updated, *deletions = tasks.resolve_conflict({**winner, "_conflicts": [loser["_rev"]]}, [loser])
+
+    assert updated == {**cancel, "conflicts_resolved": [
+        {"rev": "3-s", "status": "scheduled", "owner": ME, "attempt": 0}
+    ]}  # fmt: skip
+    assert [d["_rev"] for d in deletions] == ["3-s"]
+
+
+def test_a_cancel_carried_out_stands_beside_a_commit_handed_back() -> None:
+    """A client's cancel answered 201 was carried out (`canceled`) on its side; the
+    other side's commit, answered 202, was handed back (`waiting`). The task must not
+    come back to life and run."""
+    canceled = doc("canceled", OTHER, _rev="4-c", attempt=0, canceled_at="2026-12-01T09:29:59Z")
+    handed_back = doc("waiting", _rev="4-w", attempt=0)
+    for winner, loser in ((handed_back, canceled), (canceled, handed_back)):
+        updated, *_ = tasks.resolve_conflict({**winner, "_conflicts": [loser["_rev"]]}, [loser])
+        assert (updated["_rev"], updated["status"]) == ("4-c", "canceled")
+
+
+@pytest.mark.parametrize("cancel_wins", [True, False], ids=["cancel won", "commit won"])
+def test_a_clients_cancel_beside_a_committed_run_cancels_that_run(cancel_wins: bool) -> None:
+    """The cancel was based on the claimed task, the commit too. The run may have begun:
+    the cancel is kept with the run's worker fields, so its instance sees a cancel of
+    its own run (recorded when the job ends), and no one runs the task again."""
+    claimed = {"attempt": 0, "claimed_at": "2026-12-01T09:29:59Z"}
+    cancel = doc("cancel", OTHER, _rev="4-c", **claimed)
+    running = doc("running", OTHER, _rev="4-r", **{**claimed, "attempt": 1})
+    winner, loser = (cancel, running) if cancel_wins else (running, cancel)
+
+    updated, *deletions = tasks.resolve_conflict({**winner, "_conflicts": [loser["_rev"]]}, [loser])
+
+    assert (updated["_rev"], updated["status"]) == ("4-c", "cancel")
+    assert (updated["owner"], updated["attempt"]) == (OTHER, 1)
+    assert updated["date"] == cancel["date"] and updated["job"] == cancel["job"]
+    assert [d["_rev"] for d in deletions] == ["4-r"]
+    assert tasks.next_step(updated, OTHER, Local.RUNNING) is Step.CANCEL_AFTER_RUN
+
+
+def test_a_clients_reschedule_stands_beside_a_claim_not_beside_a_committed_run() -> None:
+    base = {"attempt": 0}
+    reschedule = doc("reschedule", _rev="3-d", date=NEW_DATE, **base)
+    claim = doc("scheduled", ME, _rev="3-s", **base)
+    updated, *_ = tasks.resolve_conflict({**claim, "_conflicts": ["3-d"]}, [reschedule])
+    assert (updated["_rev"], updated["status"], updated["date"]) == ("3-d", "reschedule", NEW_DATE)
+
+    # A run committed beside it may have begun: it cannot be moved; the reschedule is
+    # recorded as a losing revision, to be seen on the task.
+    running = doc("running", ME, _rev="3-r", attempt=1)
+    updated, *_ = tasks.resolve_conflict({**reschedule, "_conflicts": ["3-r"]}, [running])
+    assert (updated["_rev"], updated["status"]) == ("3-r", "running")
+    assert updated["conflicts_resolved"] == [
+        {"rev": "3-d", "status": "reschedule", "owner": None, "attempt": 0}
+    ]
+
+
+@pytest.mark.parametrize("ended", ["done", "err", "canceled"])
+def test_a_clients_move_beside_a_task_that_ended_is_only_recorded(ended: str) -> None:
+    end = doc(ended, ME, _rev="5-e", attempt=1, finished_at="2026-12-01T09:30:01Z")
+    cancel = doc("cancel", ME, _rev="4-c", attempt=0)
+    updated, *_ = tasks.resolve_conflict({**end, "_conflicts": ["4-c"]}, [cancel])
+    assert (updated["_rev"], updated["status"]) == ("5-e", ended)
+    assert updated["conflicts_resolved"][0]["status"] == "cancel"
+
+
 @pytest.mark.parametrize(
     "winner, loser",
     [
