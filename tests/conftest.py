@@ -143,6 +143,22 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+def settled_write(write: Callable[[], Any], tries: int = 40) -> Any:
+    """Run a write; on a 409, run it again a few times. On a CouchDB cluster a write
+    right after another one of the same document can meet a copy that has not applied
+    the first yet (the first was answered once two of three copies had it): that copy
+    answers 409 where the others refuse with 403 (or accept), and the coordinator may
+    pass the 409 on. A real conflict is a 409 every time, and is raised."""
+    for attempt in range(tries):
+        try:
+            return write()
+        except Conflict:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+    return None
+
+
 def new_task(**fields: Any) -> dict[str, Any]:
     """A valid task document; fields override."""
     task: dict[str, Any] = {

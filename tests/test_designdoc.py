@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import new_task
+from conftest import new_task, settled_write
 
 from after import records
 from after.couch import Conflict, Database, Forbidden, Server
@@ -90,7 +90,7 @@ def delete(db: Database, doc: dict[str, Any]) -> None:
 def refusal(write: Callable[[], object]) -> str:
     """Run a write the design doc must refuse; return the 403's reason."""
     with pytest.raises(Forbidden) as caught:
-        write()
+        settled_write(write)
     assert caught.value.status == 403, caught.value
     return caught.value.reason
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import new_task
+from conftest import new_task, settled_write
 from test_designdoc import path_to
 
 from after.couch import CouchError, Database, Forbidden, Server
@@ -160,7 +160,7 @@ def task_in(db: Database, status: str, **fields: Any) -> dict[str, Any]:
 def refused(write: Callable[[], object], statuses: frozenset[int] = frozenset({403})) -> str:
     """Run a write that must be refused; return the refusal's reason."""
     with pytest.raises(Forbidden) as caught:
-        write()
+        settled_write(write)
     assert caught.value.status in statuses, caught.value
     return caught.value.reason
 
