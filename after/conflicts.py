@@ -30,7 +30,6 @@ log = logging.getLogger("after.worker")
 # How long a conflict is left to the instance that claims its task first, while that
 # instance is at work, before another resolves it: rechecks after 1, 2, 4 and 8 s.
 PATIENCE = 8.0
-ENDED = ("done", "err", "canceled")
 OWNER_PATIENCE = 15.0
 
 
@@ -73,7 +72,7 @@ class Conflicts:
             # an unchanged record would be refused (a done task cannot change).
             self.delete(losers)
             return worker.decide(task_id, state)
-        if updated.get("status") != winner.get("status") and updated.get("status") in ENDED:
+        if updated.get("status") != winner.get("status") and updated.get("status") in tasks.ENDED:
             log.info("task %s: a losing revision got further with it than the winner", task_id)
             state.resolving = True  # that run's end, not ours: forgotten once written
         if updated["_rev"] != winner["_rev"]:
@@ -91,7 +90,7 @@ class Conflicts:
         run began only its instance knows, so it resolves the conflict (for at most
         OWNER_PATIENCE seconds; then any instance does, and the run counts as begun)."""
         worker = self.worker
-        if not any(leaf.get("status") == "reschedule" for leaf in leaves):
+        if not beside_a_reschedule(leaves):
             return False
         owners = {leaf.get("owner") for leaf in leaves if leaf.get("status") == "running"}
         if not any(
@@ -107,7 +106,7 @@ class Conflicts:
         a commit of ours whose run never began here counts as handed back (its attempt
         given back), so the reschedule stands (after.tasks.client_move)."""
         worker = self.worker
-        if not any(leaf.get("status") == "reschedule" for leaf in leaves):
+        if not beside_a_reschedule(leaves):
             return leaves
         if task_id in worker.started_runs or state.local is Local.RUNNING:
             return leaves
@@ -173,3 +172,9 @@ class Conflicts:
             return  # the feed brought it meanwhile, and it was decided on
         state.doc = latest
         worker.decide(task_id, state)
+
+
+def beside_a_reschedule(leaves: list[Doc]) -> bool:
+    """A client's reschedule is among a conflict's leaves: whether a commit beside it
+    began its run decides what stands (after.tasks.client_move)."""
+    return any(leaf.get("status") == "reschedule" for leaf in leaves)

@@ -239,7 +239,7 @@ class Quorum:
         winner = max(
             leaves, key=lambda leaf: (tasks.rev_number(leaf["_rev"]), leaf["_rev"]), default=None
         )
-        if winner is None or (len(leaves) == 1 and winner.get("status") in ENDED):
+        if winner is None or (len(leaves) == 1 and winner.get("status") in tasks.ENDED):
             self.suspect.pop(task_id, None)
             return
         others = [leaf["_rev"] for leaf in leaves if leaf is not winner]
@@ -270,7 +270,6 @@ def blocking(ours: Doc, others: list[Doc]) -> list[Doc]:
 
 
 SUSPECT_LEASES = 10  # for how many leases a suspect task is audited
-ENDED = frozenset({"done", "err", "canceled"})
 
 
 class LeafReader:

@@ -30,6 +30,8 @@ RULES = load_rules()
 STATUSES: list[str] = RULES["statuses"]
 FINAL: set[str] = set(RULES["final"])
 TRANSITIONS: dict[str, dict[str, str]] = RULES["transitions"]
+# A task that ended: final, or failed (a client may reschedule it).
+ENDED: frozenset[str] = frozenset({*FINAL, "err"})
 # Statuses a worker must look at on start-up; the rest need nothing from it.
 ACTIVE: list[str] = [s for s in STATUSES if s not in FINAL and s != "err"]
 
@@ -442,7 +444,7 @@ def client_move(kept: Doc, others: list[Doc]) -> Doc | None:
     other side must not bring the task back). A reschedule stands only if no run was
     committed beside it: a run that may have begun cannot be moved to another date,
     and the reschedule is recorded as a losing revision instead."""
-    if kept.get("status") in (*CLIENT_MOVES, *FINAL, "err"):
+    if kept.get("status") in (*CLIENT_MOVES, *ENDED):
         return None
     cancels = [doc for doc in others if doc.get("status") == "canceled"] or [
         doc for doc in others if doc.get("status") == "cancel"

@@ -432,6 +432,7 @@ class Worker:
     def forget(self, task_id: str) -> None:
         state = self.states.pop(task_id, None)
         self.membership.forget(task_id)
+        self.conflicts.deferred.pop(task_id, None)
         if state is not None:
             self.timer.cancel(task_id)
             self.claiming.forget(task_id)

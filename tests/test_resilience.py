@@ -783,9 +783,9 @@ def test_two_replicated_servers_resolve_conflicting_claims(
     unsettled = [i for i in ids if east_docs[i].get("_conflicts") or west_docs[i].get("_conflicts")]
     for task_id in unsettled[:2]:  # what a conflict left is made of, to tell why
         for name, database in zip(("east", "west"), dbs, strict=True):
-            for row in database._json(
+            for row in database.server.json(
                 "GET",
-                task_id,
+                f"{database.path}/{task_id}",
                 params={"open_revs": "all", "revs": "true"},
                 headers={"Accept": "application/json"},
             ):
