@@ -38,8 +38,16 @@ _JSON_PARAMS = {"key", "keys", "startkey", "endkey", "start_key", "end_key"}
 class CouchError(Exception):
     """A refusal or failure from the server, with CouchDB's own error and reason."""
 
-    def __init__(self, status: int, error: str, reason: str, what: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        what: str = "",
+        rows: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.status, self.error, self.reason, self.what = status, error, reason, what
+        self.rows = rows  # a `_bulk_docs` error answered with each document's row
         super().__init__(
             f"{what}: {status} {error}: {reason}" if what else f"{status} {error}: {reason}"
         )
@@ -149,7 +157,8 @@ def _refusal(response: requests.Response, what: str) -> CouchError:
         )
     else:
         error, reason = "http_error", response.text[:200]
-    return _error_for(response.status_code)(response.status_code, error, reason, what)
+    rows = payload if isinstance(payload, list) else None
+    return _error_for(response.status_code)(response.status_code, error, reason, what, rows)
 
 
 class Server:
@@ -530,6 +539,9 @@ class Database:
         try:
             answer = self._json("POST", "_bulk_docs", body=body)
         except CouchError as exc:
+            if exc.rows is not None and exc.status >= 500:
+                self._rows_of_failed_request(docs, encoded, exc, rows)
+                return
             if exc.status not in _REFUSED_WHOLE:
                 raise  # the server's state (down, credentials), not a document's
             if len(encoded) == 1:
@@ -545,6 +557,55 @@ class Database:
             by_id.setdefault(row.get("id", ""), []).append(row)
         for n, _ in encoded:
             rows[n] = by_id[docs[n]["_id"]].pop(0)
+
+    def _rows_of_failed_request(
+        self,
+        docs: list[Doc],
+        encoded: list[tuple[int, bytes]],
+        error: CouchError,
+        rows: dict[int, dict[str, Any]],
+    ) -> None:
+        """The rows of a `_bulk_docs` request answered 500 with a row per document.
+
+        An Apache CouchDB 3.5 cluster answers so when its copies disagree on a
+        document: one refused it with validate_doc_update's 403, another (one that
+        had not applied the document's last revision yet) with a 409; the row then
+        says `conflict` or `forbidden`, whichever came first. The rows that say `ok`
+        were stored; each document of the others is written again alone, once, and
+        its own answer (the 403 and its reason, a 409, or stored) is its row. Any
+        other error (a copy did not answer) fails the request, sent again later."""
+        answer = error.rows or []
+        if any(row.get("error") not in (None, "conflict", "forbidden") for row in answer):
+            raise error
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for row in answer:
+            by_id.setdefault(row.get("id", ""), []).append(row)
+        for n, data in encoded:
+            doc = docs[n]
+            found = by_id.get(doc["_id"], [])
+            if not found:
+                raise error
+            row = found.pop(0)
+            rows[n] = self._put_alone(doc, data) if row.get("error") else row
+
+    def _put_alone(self, doc: Doc, data: bytes) -> dict[str, Any]:
+        """Write one encoded document by PUT; its answer as a `_bulk_docs` row. A 409
+        for a document that holds this very write (stored on the copies that took it)
+        is answered as stored unconfirmed, like a 202."""
+        doc_id = doc["_id"]
+        try:
+            response = self.server.request("PUT", f"{self.path}/{_doc_path(doc_id)}", body=data)
+        except Conflict as exc:
+            current = self.get(doc_id)
+            if current is not None and is_own_write(current, doc):
+                return {"ok": True, "id": doc_id, "rev": current["_rev"], "accepted": True}
+            return {"id": doc_id, "error": exc.error, "reason": exc.reason}
+        except CouchError as exc:
+            if exc.status == 0 or exc.status >= 500:
+                raise  # unanswered or failed on the server: the batch is sent again
+            return {"id": doc_id, "error": exc.error, "reason": exc.reason}
+        row = {"ok": True, "id": doc_id, "rev": response.json()["rev"]}
+        return {**row, "accepted": True} if response.status_code == 202 else row
 
     def all_docs(self, **params: Any) -> dict[str, Any]:
         if "keys" in params:

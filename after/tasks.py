@@ -400,6 +400,7 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
             "status": doc.get("status"),
             "owner": doc.get("owner"),
             "attempt": doc.get("attempt"),
+            "date": doc.get("date"),  # a client's reschedule, or a worker's version of it
         }
         for doc in gone
         if not same_content(doc, keep)

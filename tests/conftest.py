@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -65,6 +66,20 @@ def db_name() -> str:
 @pytest.fixture
 def db(server: Server, db_name: str) -> Iterator[Database]:
     """A fresh database with After's design documents deployed."""
+    database = server.database(db_name)
+    push(database)
+    yield database
+    database.delete()
+
+
+@pytest.fixture
+def one_copy_db(server: Server, db_name: str) -> Iterator[Database]:
+    """A database of one copy (`n=1`; a single node's default). For tests of the
+    writer's own logic: on a cluster, a write right after another may meet a copy
+    that has not applied the first, which stores it beside it unconfirmed (202)
+    where the others refuse it. What copies that disagree do is tested apart
+    (test_couch.DisagreeingCopies, tests/test_cluster.py)."""
+    server.request("PUT", db_name, params={"n": 1})
     database = server.database(db_name)
     push(database)
     yield database
@@ -157,6 +172,17 @@ def settled_write(write: Callable[[], Any], tries: int = 40) -> Any:
                 raise
             time.sleep(0.05)
     return None
+
+
+def put_on_every_copy(db: Database, doc: dict[str, Any]) -> tuple[str, str]:
+    """Write a document as `db.post` does (its id and new revision, set on `doc` too),
+    answered once every copy of a 3-copy cluster has it (`w=3`; a single node answers
+    202, PouchDB Server ignores it): a write right after it meets no copy still
+    without it, which would answer 409 or store a stale write beside it as a conflict."""
+    doc.setdefault("_id", uuid.uuid4().hex)
+    path = f"{db.path}/{quote(doc['_id'], safe='')}"
+    doc["_rev"] = db.server.request("PUT", path, params={"w": 3}, body=doc).json()["rev"]
+    return doc["_id"], doc["_rev"]
 
 
 def new_task(**fields: Any) -> dict[str, Any]:

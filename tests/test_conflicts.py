@@ -93,7 +93,13 @@ def test_a_runs_end_that_lost_the_conflict_to_its_running_is_kept(
         assert final["status"] == "done" and final["result"] == "the job's own result", final
         assert final["owner"] == runner
         assert final["conflicts_resolved"] == [
-            {"rev": done["_rev"], "status": "done", "owner": runner, "attempt": 1}
+            {
+                "rev": done["_rev"],
+                "status": "done",
+                "owner": runner,
+                "attempt": 1,
+                "date": original["date"],
+            }
         ]
     finally:
         db.delete()
@@ -133,7 +139,13 @@ def test_a_clients_cancel_that_lost_the_conflict_to_a_worker_still_cancels(
         final = wait_status(db, task_id, "canceled", timeout=20)
         assert not db.get(task_id, conflicts=True).get("_conflicts")
         assert final["conflicts_resolved"] == [
-            {"rev": worker_rev, "status": workers_side, "owner": other, "attempt": attempt}
+            {
+                "rev": worker_rev,
+                "status": workers_side,
+                "owner": other,
+                "attempt": attempt,
+                "date": original["date"],
+            }
         ]
         if workers_side == "running":  # the run it stopped is on the task
             assert (final["owner"], final["attempt"]) == (other, 1)
@@ -452,6 +464,26 @@ def test_a_running_rewritten_without_quorum_is_not_handed_back_once_its_run_bega
     worker.writer.start()
     worker.writer.stop()
     assert db.get(task_id)["status"] == "waiting"
+    worker.executor.shutdown()
+
+
+def test_a_claim_answered_202_with_no_other_write_is_handed_back(
+    config: Config, db: Database
+) -> None:
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    original = db.get(task_id)
+    claim = tasks.claim_update(original, worker.instance, tasks.now())
+    db.put(claim)
+    row = {"id": task_id, "rev": claim["_rev"], "ok": True, "accepted": True}
+    state = worker.states[task_id] = TaskState(original)
+
+    assert worker.quorum.held_back(task_id, state, claim, row)
+    worker.writer.start()
+    worker.writer.stop()
+
+    final = db.get(task_id)
+    assert final["status"] == "waiting" and "owner" not in final and final["_rev"].startswith("3-")
     worker.executor.shutdown()
 
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import new_task
+from conftest import new_task, put_on_every_copy
 
 from after.config import split_credentials
 from after.couch import (
     BulkWriter,
+    CouchError,
     Database,
     Server,
     Unreachable,
@@ -40,8 +41,9 @@ class RecordingDatabase:
 
 
 def test_a_request_carries_one_write_per_document_and_later_ones_follow_in_order(
-    db: Database,
+    one_copy_db: Database,
 ) -> None:
+    db = one_copy_db
     recorder = RecordingDatabase(db)
     writer = BulkWriter(recorder)  # type: ignore[arg-type]
     results: list[tuple[str, dict[str, Any]]] = []
@@ -191,7 +193,7 @@ class AnswerLosingDatabase:
         if self.stored:
             self.db.bulk_docs([dict(doc) for doc in docs])
         if self.meanwhile is not None:
-            self.db.put(self.meanwhile)
+            put_on_every_copy(self.db, self.meanwhile)
         raise self.error
 
     def all_docs(self, **params: Any) -> dict[str, Any]:
@@ -209,8 +211,9 @@ def write_through(database: AnswerLosingDatabase, doc: dict[str, Any]) -> dict[s
 
 
 def test_a_write_stored_by_a_request_whose_answer_was_lost_is_answered_as_stored(
-    db: Database,
+    one_copy_db: Database,
 ) -> None:
+    db = one_copy_db
     doc_id, _ = db.post(new_task())
     canceled = {**db.get(doc_id), "status": "cancel"}
     losing = AnswerLosingDatabase(db, stored=True)
@@ -224,8 +227,9 @@ def test_a_write_stored_by_a_request_whose_answer_was_lost_is_answered_as_stored
 
 
 def test_a_bulk_request_a_cluster_failed_in_part_is_sent_again_and_answered_as_stored(
-    db: Database,
+    one_copy_db: Database,
 ) -> None:
+    db = one_copy_db
     # Apache CouchDB answers 500 with the rows when copies did not answer; some
     # documents may be stored. The writer neither dies of it nor takes them as refused.
     response = requests.Response()
@@ -244,6 +248,85 @@ def test_a_bulk_request_a_cluster_failed_in_part_is_sent_again_and_answered_as_s
     assert row == {"id": doc_id, "rev": db.get(doc_id)["_rev"], "ok": True}
 
 
+class DisagreeingCopies(Database):
+    """The real database, answering `_bulk_docs` as a CouchDB 3.5 cluster does when its
+    copies disagree on a document (one refuses it with 403, another with 409, or does
+    not answer): HTTP 500, each document's row, and `error` (default `conflict`) in
+    the rows of the documents not stored. `stored_as_failed`: ids whose row says
+    failed although the request stored them (one copy took the write, the others
+    answered 409: the row says conflict)."""
+
+    def __init__(self, db: Database, error: str = "conflict", stored_as_failed: tuple = ()):
+        super().__init__(db.server, db.name)
+        self.error, self.stored_as_failed = error, set(stored_as_failed)
+
+    def _json(self, method: str, path: str = "", **kwargs: Any) -> Any:
+        answer = super()._json(method, path, **kwargs)
+        if path != "_bulk_docs":
+            return answer
+        rows = [
+            {"id": row["id"], "error": self.error, "reason": "Document update conflict."}
+            if row.get("error") or row["id"] in self.stored_as_failed
+            else row
+            for row in answer
+        ]
+        raise CouchError(500, self.error, "1 document failed", "POST _bulk_docs", rows)
+
+
+def test_a_refusal_a_cluster_reports_as_a_failed_conflict_gets_its_own_answer(
+    db: Database,
+) -> None:
+    doc_id, _ = put_on_every_copy(db, new_task())
+    put_on_every_copy(db, {**db.get(doc_id), "status": "cancel"})
+    put_on_every_copy(db, {**db.get(doc_id), "status": "canceled"})
+    reopened = {**db.get(doc_id), "status": "waiting"}
+    created = new_task(_id="new-one")
+
+    rows = DisagreeingCopies(db).bulk_docs([reopened, created])
+
+    assert rows[0]["error"] == "forbidden"  # the document was sent alone: the real answer
+    assert "canceled is final" in rows[0]["reason"]
+    assert rows[1]["ok"] and db.get("new-one")["_rev"] == rows[1]["rev"]
+    assert db.get(doc_id)["status"] == "canceled"
+
+
+def test_a_write_a_failed_cluster_request_stored_is_answered_as_stored_unconfirmed(
+    db: Database,
+) -> None:
+    doc_id, _ = put_on_every_copy(db, new_task())
+    canceled = {**db.get(doc_id), "status": "cancel"}
+
+    disagreeing = DisagreeingCopies(db, stored_as_failed=(doc_id,))
+    (row,) = disagreeing.bulk_docs([canceled])
+
+    stored = db.get(doc_id)
+    assert stored["status"] == "cancel"
+    assert row == {"ok": True, "id": doc_id, "rev": stored["_rev"], "accepted": True}
+
+
+def test_a_cluster_request_failed_for_copies_that_did_not_answer_fails_as_a_whole(
+    db: Database,
+) -> None:
+    doc_id, _ = put_on_every_copy(db, new_task())
+    canceled = {**db.get(doc_id), "status": "cancel"}
+    with pytest.raises(CouchError) as failed:  # the writer sends the batch again
+        DisagreeingCopies(db, error="unknown_error", stored_as_failed=(doc_id,)).bulk_docs(
+            [canceled]
+        )
+    assert failed.value.status == 500 and failed.value.error == "unknown_error"
+
+
+def test_a_real_conflict_in_a_failed_cluster_request_stays_a_conflict(db: Database) -> None:
+    doc_id, _ = put_on_every_copy(db, new_task())
+    current = db.get(doc_id)
+    put_on_every_copy(db, {**current, "status": "cancel"})  # someone else wrote first
+
+    (row,) = DisagreeingCopies(db).bulk_docs([{**current, "date": "2012-01-01"}])
+
+    assert row["error"] in ("conflict", "forbidden"), row  # PouchDB Server: forbidden
+    assert db.get(doc_id)["status"] == "cancel"
+
+
 def test_the_writer_survives_an_unexpected_failure_and_sends_again(db: Database) -> None:
     doc_id, _ = db.post(new_task())
     canceled = {**db.get(doc_id), "status": "cancel"}
@@ -255,7 +338,7 @@ def test_the_writer_survives_an_unexpected_failure_and_sends_again(db: Database)
 def test_a_write_sent_again_stays_refused_when_someone_else_wrote_meanwhile(
     db: Database,
 ) -> None:
-    doc_id, _ = db.post(new_task())
+    doc_id, _ = put_on_every_copy(db, new_task())
     current = db.get(doc_id)
     losing = AnswerLosingDatabase(db, stored=False, meanwhile={**current, "status": "cancel"})
 

@@ -12,6 +12,7 @@ from after.tasks import Local, Step, next_step
 
 ME = "manobi@host:1:aaaa"
 OTHER = "manobi@host:2:bbbb"
+DATE = "2026-12-01T09:30:00Z"  # the date of every task here but a rescheduled one
 
 
 def doc(status: str, owner: str | None = None, **fields: object) -> dict[str, object]:
@@ -19,7 +20,7 @@ def doc(status: str, owner: str | None = None, **fields: object) -> dict[str, ob
         "_id": "t1",
         "_rev": "1-x",
         "worker": "manobi",
-        "date": "2026-12-01T09:30:00Z",
+        "date": DATE,
         "job": {"name": "echo", "arguments": [1]},
         "status": status,
     }
@@ -205,7 +206,13 @@ def test_a_conflict_is_resolved_by_recording_every_losing_run_on_the_winner() ->
     assert "_conflicts" not in updated and updated["_rev"] == "5-w"
     assert updated["conflicts_resolved"] == [
         earlier,
-        {"rev": "4-l", "status": "running", "owner": OTHER, "attempt": 1},
+        {
+            "rev": "4-l",
+            "status": "running",
+            "owner": OTHER,
+            "attempt": 1,
+            "date": DATE,
+        },
     ]
     assert deletions == [{"_id": "t1", "_rev": "4-l", "_deleted": True, "resolves_conflict": True}]
     # the same conflict resolved on both replicas writes the same content
@@ -247,7 +254,7 @@ def test_a_run_still_under_way_on_the_winner_takes_its_end_from_a_losing_revisio
     assert updated["status"] == "done" and updated["result"] == 42
     assert updated["ended_at"] == end["ended_at"]
     assert updated["conflicts_resolved"] == [
-        {"rev": "5-d", "status": "done", "owner": ME, "attempt": 1}
+        {"rev": "5-d", "status": "done", "owner": ME, "attempt": 1, "date": DATE}
     ]
     assert deletions == [{"_id": "t1", "_rev": "5-d", "_deleted": True, "resolves_conflict": True}]
     assert tasks.resolve_conflict(winner, [done]) == [updated, *deletions]  # same on each node
@@ -266,7 +273,7 @@ def test_a_losing_revision_that_got_further_than_the_winner_is_kept() -> None:
     # The run's revision is kept as it is (waiting -> done is no worker's move), the
     # handed-back one deleted and recorded.
     assert updated == {**done, "conflicts_resolved": [
-        {"rev": "4-w", "status": "waiting", "owner": None, "attempt": None}
+        {"rev": "4-w", "status": "waiting", "owner": None, "attempt": None, "date": DATE}
     ]}  # fmt: skip
     assert deletions == [{"_id": "t1", "_rev": "4-w", "_deleted": True, "resolves_conflict": True}]
     assert tasks.resolve_conflict(handed_back, [done]) == [updated, *deletions]  # on each node
@@ -321,7 +328,7 @@ def test_a_clients_cancel_beside_a_claim_stands_whichever_revision_wins(cancel_w
     updated, *deletions = tasks.resolve_conflict({**winner, "_conflicts": [loser["_rev"]]}, [loser])
 
     assert updated == {**cancel, "conflicts_resolved": [
-        {"rev": "3-s", "status": "scheduled", "owner": ME, "attempt": 0}
+        {"rev": "3-s", "status": "scheduled", "owner": ME, "attempt": 0, "date": DATE}
     ]}  # fmt: skip
     assert [d["_rev"] for d in deletions] == ["3-s"]
 
@@ -369,7 +376,13 @@ def test_a_clients_reschedule_stands_beside_a_claim_not_beside_a_committed_run()
     updated, *_ = tasks.resolve_conflict({**reschedule, "_conflicts": ["3-r"]}, [running])
     assert (updated["_rev"], updated["status"]) == ("3-r", "running")
     assert updated["conflicts_resolved"] == [
-        {"rev": "3-d", "status": "reschedule", "owner": None, "attempt": 0}
+        {
+            "rev": "3-d",
+            "status": "reschedule",
+            "owner": None,
+            "attempt": 0,
+            "date": "2026-12-01T10:00:00Z",
+        }
     ]
 
 
