@@ -219,8 +219,12 @@ def settled(db: Database, ids: list[str]) -> dict[str, dict[str, Any]]:
     left: list[Counter[str]] = []
 
     def read() -> dict[str, dict[str, Any]] | None:
-        docs = read_all(db, ids, conflicts=True)
+        # A task missing from one read counts as not settled, not as lost: on this
+        # cluster a read has shown a task deleted while a conflict's resolution spread
+        # (a copy holding its deleted branch only). Lost for good fails at the timeout.
+        docs = read_all(db, ids, missing_ok=True, conflicts=True)
         open_ = [d for d in docs.values() if d["status"] not in FINAL or d.get("_conflicts")]
+        open_ += [{"status": "missing"} for task_id in ids if task_id not in docs]
         left[:] = [
             Counter(f"{d['status']}{'+conflict' if d.get('_conflicts') else ''}" for d in open_)
         ]
