@@ -552,9 +552,7 @@ class Database:
             self._bulk_encoded(docs, encoded[:middle], rows)
             self._bulk_encoded(docs, encoded[middle:], rows)
             return
-        by_id: dict[str, list[dict[str, Any]]] = {}
-        for row in answer:
-            by_id.setdefault(row.get("id", ""), []).append(row)
+        by_id = _rows_by_id(answer)
         for n, _ in encoded:
             rows[n] = by_id[docs[n]["_id"]].pop(0)
 
@@ -577,9 +575,7 @@ class Database:
         answer = error.rows or []
         if any(row.get("error") not in (None, "conflict", "forbidden") for row in answer):
             raise error
-        by_id: dict[str, list[dict[str, Any]]] = {}
-        for row in answer:
-            by_id.setdefault(row.get("id", ""), []).append(row)
+        by_id = _rows_by_id(answer)
         for n, data in encoded:
             doc = docs[n]
             found = by_id.get(doc["_id"], [])
@@ -599,11 +595,11 @@ class Database:
             current = self.get(doc_id)
             if current is not None and is_own_write(current, doc):
                 return {"ok": True, "id": doc_id, "rev": current["_rev"], "accepted": True}
-            return {"id": doc_id, "error": exc.error, "reason": exc.reason}
+            return _error_row(doc, exc.error, exc.reason)
         except CouchError as exc:
             if exc.status == 0 or exc.status >= 500:
                 raise  # unanswered or failed on the server: the batch is sent again
-            return {"id": doc_id, "error": exc.error, "reason": exc.reason}
+            return _error_row(doc, exc.error, exc.reason)
         row = {"ok": True, "id": doc_id, "rev": response.json()["rev"]}
         return {**row, "accepted": True} if response.status_code == 202 else row
 
@@ -727,8 +723,17 @@ def unconfirmed(row: dict[str, Any]) -> bool:
 
 
 def _error_row(doc: Doc, error: str, reason: str) -> dict[str, Any]:
-    """A `_bulk_docs` row for a document refused as it is."""
+    """A `_bulk_docs` row for a document not stored: the error and its reason."""
     return {"id": doc["_id"], "error": error, "reason": reason}
+
+
+def _rows_by_id(answer: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a `_bulk_docs` answer by document id, in order (an id may be
+    written twice in one request)."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for row in answer:
+        by_id.setdefault(row.get("id", ""), []).append(row)
+    return by_id
 
 
 def _doc_path(doc_id: str) -> str:

@@ -74,10 +74,12 @@ def db(server: Server, db_name: str) -> Iterator[Database]:
 
 @pytest.fixture
 def one_copy_db(server: Server, db_name: str) -> Iterator[Database]:
-    """A database of one copy (`n=1`; a single node's default). For tests of the
-    writer's own logic: on a cluster, a write right after another may meet a copy
-    that has not applied the first, which stores it beside it unconfirmed (202)
-    where the others refuse it. What copies that disagree do is tested apart
+    """A database of one copy (`n=1`; a single node's default). For tests of one
+    copy's behaviour (the writer's logic, validate_doc_update's contract, what the
+    views emit): on a cluster, a write right after another may meet a copy that has
+    not applied the first (it stores the write beside it, answered 202, or answers
+    409 where the others refuse it with 403), and a view is read from one copy of
+    each shard. What copies that disagree do is tested apart
     (test_couch.DisagreeingCopies, tests/test_cluster.py)."""
     server.request("PUT", db_name, params={"n": 1})
     database = server.database(db_name)
