@@ -4,9 +4,10 @@ On one CouchDB node a 409 makes a write exclusive. Between replicated servers,
 or in a partitioned cluster, two writes based on the same revision can both be
 accepted and surface as conflicting revisions. The instance that claims the task
 first resolves it (two resolving at once, on two replicas, would make a new
-conflict): it keeps CouchDB's winner (after.tasks.resolve_conflict decides the
-content), records the losers on it, and deletes them once that record has
-landed, so no duplicate run goes unrecorded. A task is also read again here when
+conflict): it keeps the revision after.tasks.resolve_conflict chooses from the
+leaves alone, records the others on it, and deletes them once that record has
+landed (first, when it keeps a losing revision), so no duplicate run goes
+unrecorded. A task is also read again here when
 a read or a write of it failed and the feed may bring nothing new.
 """
 

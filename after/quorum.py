@@ -10,7 +10,9 @@ write of the same task may stand beside ours as a conflict. A read cannot tell
 - a claim or a commit answered 202 is not a claim: the task is not run, and is
   handed back at once on our side (after.writes calls `held_back`), so that our
   side's version of it never got further than the other side's (a conflict keeps
-  the version that got furthest, after.tasks.resolve_conflict);
+  the version that got furthest, after.tasks.resolve_conflict); the hand-back is
+  marked `withdrawn`, so it also gives way to a version that got as far (a
+  client's reschedule the other side took up);
 - while the quorum is lost (a lease renewal answered 202: only this instance writes
   its record, so no race explains it), claiming pauses and the peers are not judged
   dead: their renewals cannot reach us;
@@ -127,7 +129,7 @@ class Quorum:
         base = {**state.doc, "_rev": row["rev"]}
         base.pop("_conflicts", None)
         state.doc = {**written, "_rev": row["rev"]}
-        worker.writes.write(task_id, tasks.hand_back_update(base))
+        worker.writes.write(task_id, tasks.withdrawn_update(tasks.hand_back_update(base)))
         return True
 
     # -- before a claim -------------------------------------------------------------------
@@ -205,7 +207,7 @@ class Quorum:
         worker.pool.uncommit(task_id)
         worker.runner.commit_waiting()
         worker.unhold(task_id, state)
-        worker.writes.write(task_id, tasks.unstarted_hand_back_update(doc))
+        worker.writes.write(task_id, tasks.withdrawn_update(tasks.unstarted_hand_back_update(doc)))
 
     def confirm_again(self, task_id: str) -> None:
         state = self.worker.states.get(task_id)

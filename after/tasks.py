@@ -226,6 +226,7 @@ def _update(doc: Doc, **fields: Any) -> Doc:
 def claim_update(doc: Doc, me: str, at: datetime) -> Doc:
     """`scheduled`, owned by `me`; taking over another instance's claim is recorded."""
     fields: dict[str, Any] = {"status": "scheduled", "owner": me, "claimed_at": iso(at)}
+    fields["withdrawn"] = None
     if doc.get("status") == "scheduled" and doc.get("owner") not in (None, me):
         fields["takeovers"] = _takeovers(doc, at)
     return _update(doc, **fields)
@@ -237,13 +238,14 @@ def _takeovers(doc: Doc, at: datetime) -> list[dict[str, Any]]:
 
 
 def running_update(doc: Doc, me: str) -> Doc:
-    return _update(doc, status="running", owner=me, attempt=int(doc.get("attempt", 0)) + 1)
+    attempt = int(doc.get("attempt", 0)) + 1
+    return _update(doc, status="running", owner=me, attempt=attempt, withdrawn=None)
 
 
 def hand_back_update(doc: Doc) -> Doc:
     """Back to `waiting` for any instance to take (graceful stop, or rescheduled
     beyond the horizon)."""
-    return _update(doc, status="waiting", owner=None, claimed_at=None)
+    return _update(doc, status="waiting", owner=None, claimed_at=None, withdrawn=None)
 
 
 def unstarted_hand_back_update(doc: Doc) -> Doc:
@@ -254,8 +256,17 @@ def unstarted_hand_back_update(doc: Doc) -> Doc:
     return _update(hand_back_update(doc), attempt=attempt if attempt > 0 else None)
 
 
+def withdrawn_update(hand_back: Doc) -> Doc:
+    """A hand-back of a claim or commit the cluster did not confirm (after.quorum),
+    marked as such: beside a revision that got as far, it gives way
+    (`resolve_conflict`), whichever of the two CouchDB picks as winner. It only takes
+    back our unconfirmed write, so it must not undo what the other side did meanwhile
+    (a client's reschedule taken up there)."""
+    return _update(hand_back, withdrawn=True)
+
+
 def canceled_update(doc: Doc, at: datetime) -> Doc:
-    return _update(doc, status="canceled", canceled_at=iso(at))
+    return _update(doc, status="canceled", canceled_at=iso(at), withdrawn=None)
 
 
 LOST = "WorkerLost"  # the error type of a run failed because its instance was judged dead
@@ -355,40 +366,44 @@ def _cap(text: str) -> str:
 
 
 def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
-    """Resolve a conflict deterministically: the revision CouchDB chose as winner
-    (the same on every node) stays, each losing revision is deleted, and what the
-    losers were doing is recorded on the winner, so a duplicate claim or run is visible.
+    """Resolve a conflict: one revision is kept, each other leaf is deleted, and what
+    the others were doing is recorded on the kept one, so a duplicate claim or run is
+    visible. Which one is kept depends on the leaves only, never on which of them
+    CouchDB picked as `winner`: two instances may resolve one conflict at once, each
+    seeing some of its leaves (deletions and the other's resolution not arrived yet),
+    and one that keeps a losing revision deletes the others before writing
+    (after.conflicts); two that kept different ones would delete the task.
+    (tests/test_tasks.py checks it over every mix of leaves.) In order:
 
-    Two exceptions:
-    - the winner says an instance is running an attempt and a loser is that same run's
-      end (`done` or `err`, same owner, same attempt): the winner takes the loser's
-      content. The winner is then only older news about that run, and keeping it
-      would leave the task `running` under an instance that has finished it;
-    - the winner is not final and a loser got further with the task (`progress`): it
-      ran, ended or committed a run the winner's side never did. That loser is kept
-      and the winner deleted. The winner's side then only claimed or handed back the
-      task (a claim a partition's minority side could not confirm, after.quorum), and
-      keeping it would run the task again. Likewise when the winner failed a run as
-      "worker lost" and a loser is that run's own end, written by its instance (cut
-      off from the cluster's majority, whose peers judged it dead): what the run did
-      is kept. (Kept as its own revision, not as the winner's content: the status
-      change may be one no worker may write, such as waiting -> done or err -> done.)
-
-    A client's move stands over the workers' side, whichever revision CouchDB picks
-    (after.tasks.client_move): a cancel always, a reschedule if no run was committed
-    beside it. On a cluster a client's write can be answered `202` and lose the
-    conflict to a claim made at the same moment; dropping it would undo a request
-    the client was told was accepted.
+    - a final leaf (`done`, `canceled`) over any other: of several, the furthest
+      (`progress`), a cancel of a run over that run's `done`;
+    - else the leaf that got furthest: it ran, ended or committed a run the others
+      never did (their side only claimed or handed the task back: a claim a
+      partition's minority side could not confirm, after.quorum), and keeping
+      another would run the task again; a "worker lost" judgement gives way to that
+      run's own end (its instance, cut off from the majority, finished it); among
+      equals, CouchDB's winner. When the winner says a run is under way and the kept
+      leaf is that run's end, the winner's revision takes the end's content;
+    - a hand-back marked `withdrawn` gives way to a leaf that got as far (`not_withdrawn`);
+    - a client's move stands over the workers' side (`client_move`): a cancel unless
+      the task ended, a reschedule if no run was committed beside it. On a cluster a
+      client's write can be answered `202` and lose the conflict to a claim made at
+      the same moment; dropping it would undo a request the client was told was
+      accepted.
 
     Conflicts arise only between replicated nodes or in a cluster (a partition, or
     two claims through two nodes at once), where two writes based on the same
     revision can both be accepted. The record holds no time, so two resolutions of
     one conflict write the same content.
     """
-    ended = run_ended_in(winner, losers)
-    keep = (
-        None if ended is not None else furthest(winner, losers) or run_judged_lost(winner, losers)
-    ) or winner
+    standing = [doc for doc in (winner, *losers) if not superseded(doc, [winner, *losers])]
+    best = furthest(winner, standing)
+    ended = run_ended_in(winner, [doc for doc in standing if doc is not winner])
+    if best not in (None, ended):
+        ended = None  # a final leaf, or one further still, is what stands (`furthest`)
+    keep = (None if ended is not None else best) or winner
+    if ended is None:
+        keep = not_withdrawn(keep, [doc for doc in standing if doc is not keep])
     base = keep if ended is None else {**ended, "_rev": winner["_rev"]}
     others = [doc for doc in (winner, *losers) if doc is not keep]
     if ended is None and (move := client_move(keep, others)) is not None:
@@ -401,6 +416,7 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
             "owner": doc.get("owner"),
             "attempt": doc.get("attempt"),
             "date": doc.get("date"),  # a client's reschedule, or a worker's version of it
+            **({"lost": True} if is_judged_lost(doc) else {}),  # see `superseded`
         }
         for doc in gone
         if not same_content(doc, keep)
@@ -445,15 +461,20 @@ def client_move(kept: Doc, others: list[Doc]) -> Doc | None:
     other side must not bring the task back). A reschedule stands only if no run was
     committed beside it: a run that may have begun cannot be moved to another date,
     and the reschedule is recorded as a losing revision instead."""
-    if kept.get("status") in (*CLIENT_MOVES, *ENDED):
+    status = kept.get("status")
+    if status in ENDED:
         return None
-    cancels = [doc for doc in others if doc.get("status") == "canceled"] or [
-        doc for doc in others if doc.get("status") == "cancel"
-    ]
+    # Whatever `kept` is (CouchDB's pick or not), the same one stands: a cancel carried
+    # out over a cancel, a cancel over a reschedule, either over the workers' side.
+    cancels = [doc for doc in others if doc.get("status") == "canceled"]
+    if not cancels and status != "cancel":
+        cancels = [doc for doc in others if doc.get("status") == "cancel"]
     reschedules = [
         doc
         for doc in others
-        if doc.get("status") == "reschedule" and progress(doc) >= progress(kept)
+        if doc.get("status") == "reschedule"
+        and status not in CLIENT_MOVES
+        and progress(doc) >= progress(kept)
     ]
     return latest(cancels or reschedules)
 
@@ -496,20 +517,43 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
     return latest(ends)
 
 
-def run_judged_lost(winner: Doc, losers: list[Doc]) -> Doc | None:
-    """The losing revision that is the real end of the run the winner failed as "worker
-    lost" (same instance, same attempt), or None; of several, the latest revision."""
-    if winner.get("status") != "err" or (winner.get("error") or {}).get("type") != LOST:
-        return None
-    ends = [
-        loser
-        for loser in losers
-        if loser.get("status") in ("done", "err")
-        and (loser.get("error") or {}).get("type") != LOST
-        and loser.get("owner") == winner.get("owner")
-        and loser.get("attempt") == winner.get("attempt")
-    ]
-    return latest(ends)
+def superseded(doc: Doc, leaves: list[Doc]) -> bool:
+    """Whether `doc` is a run's end that another leaf overrides, so it cannot be kept:
+    - a "worker lost" judgement beside that run's own end (same instance, same
+      attempt), written by its instance: cut off from the cluster's majority, whose
+      peers judged it dead, it finished the run all the same;
+    - any end of a run beside a client's cancel of that run (`cancel` carrying the
+      run's owner and attempt, or that cancel carried out): the cancel landed while
+      the job ran and the end on other copies. On one node the instance would have
+      recorded the run as `canceled` when its job ended."""
+    if doc.get("status") not in ("done", "err") or not doc.get("attempt"):
+        return False
+    judged_lost = is_judged_lost(doc)
+    for run in runs_in(leaves):
+        if run.get("owner") != doc.get("owner") or run.get("attempt") != doc.get("attempt"):
+            continue
+        if run.get("status") in ("cancel", "canceled"):
+            return True
+        if judged_lost and run.get("status") in ("done", "err") and run.get("lost") is not True:
+            return True
+    return False
+
+
+def runs_in(leaves: list[Doc]) -> list[dict[str, Any]]:
+    """What the leaves say of the task's runs: each leaf, and each revision an earlier
+    resolution deleted and recorded on one of them (`conflicts_resolved`). A revision
+    that superseded another still does once it is deleted: a resolver that sees the
+    kept revision beside some of the deleted ones must choose as the first one did."""
+    found = [{**leaf, "lost": is_judged_lost(leaf)} for leaf in leaves]
+    for leaf in leaves:
+        entries = leaf.get("conflicts_resolved")
+        found += [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    return found
+
+
+def is_judged_lost(doc: Doc) -> bool:
+    """A run failed as "worker lost" by the peers of the instance running it."""
+    return doc.get("status") == "err" and (doc.get("error") or {}).get("type") == LOST
 
 
 def progress(doc: Doc) -> tuple[str, int]:
@@ -524,13 +568,34 @@ def progress(doc: Doc) -> tuple[str, int]:
     )
 
 
-def furthest(winner: Doc, losers: list[Doc]) -> Doc | None:
-    """The losing revision that got further than a winner not final yet, or None; of
-    several, the furthest, then the latest revision (the same choice on every node)."""
-    if winner.get("status") in ("done", "err", "canceled"):
-        return None
-    ahead = [loser for loser in losers if progress(loser) > progress(winner)]
-    return max(ahead, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]), default=None)
+def furthest(winner: Doc, standing: list[Doc]) -> Doc | None:
+    """Of the leaves that may be kept (none `superseded`), the one that got furthest
+    with the task, or None when that is the winner: of the final ones (`done`,
+    `canceled`) if any, else of all, the furthest (`progress`), then the latest
+    revision. The choice depends on the leaves only, not on which one CouchDB picked:
+    two resolvers that see some of the same leaves keep the same one (among ties in
+    progress the latest revision is CouchDB's own winner)."""
+    pool = [doc for doc in standing if doc.get("status") in FINAL] or standing
+    best = max(pool, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]))
+    return None if best is winner else best
+
+
+def not_withdrawn(keep: Doc, others: list[Doc]) -> Doc:
+    """`keep`, unless it is a withdrawn hand-back (`withdrawn_update`) and another
+    revision not withdrawn got as far: then that one (of several, the furthest, then
+    the latest revision; the same choice on every node). A withdrawn hand-back took
+    back a claim that never counted; the other revision is what the cluster did."""
+    if keep.get("status") != "waiting" or keep.get("withdrawn") is not True:
+        return keep
+    ahead = [
+        doc
+        for doc in others
+        if doc.get("withdrawn") is not True
+        and not doc.get("_deleted")
+        and progress(doc) >= progress(keep)
+    ]
+    best = max(ahead, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]), default=None)
+    return best or keep
 
 
 def is_newer(doc: Doc, than: Doc) -> bool:

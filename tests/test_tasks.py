@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from after import runs, tasks
 from after.tasks import Local, Step, next_step
@@ -282,7 +285,7 @@ def test_a_losing_revision_that_got_further_than_the_winner_is_kept() -> None:
     running = doc("running", OTHER, _rev="3-r", attempt=1)
     assert tasks.resolve_conflict(claimed, [running])[0]["_rev"] == "3-r"
     # Of two sides that got as far, CouchDB's winner stays.
-    other_claim = doc("scheduled", OTHER, _rev="3-o")
+    other_claim = doc("scheduled", OTHER, _rev="3-a")
     assert tasks.resolve_conflict(claimed, [other_claim])[0]["owner"] == ME
     # A final winner stays whatever the losers did.
     lost = doc("err", OTHER, _rev="5-e", attempt=1, finished_at="2026-12-01T09:31:00.000Z")
@@ -307,10 +310,11 @@ def test_a_runs_own_end_is_kept_over_a_worker_lost_judged_by_the_other_side() ->
     updated, *deletions = tasks.resolve_conflict(lost, [done])
     assert (updated["_rev"], updated["status"]) == ("4-d", "done")
     assert [d["_rev"] for d in deletions] == ["4-l"]
-    # Not another instance's end, nor another attempt's.
-    someone_else = {**done, "owner": ME}
+    # Not another instance's end, nor another attempt's: then the furthest stays.
+    failed = {**done, "status": "err", "error": {"type": "ValueError", "message": "no"}}
+    someone_else = {**failed, "owner": ME}
     assert tasks.resolve_conflict(lost, [someone_else])[0]["_rev"] == "4-l"
-    earlier = {**done, "attempt": 0}
+    earlier = {**failed, "attempt": 0}
     assert tasks.resolve_conflict(lost, [earlier])[0]["_rev"] == "4-l"
 
 
@@ -386,6 +390,46 @@ def test_a_clients_reschedule_stands_beside_a_claim_not_beside_a_committed_run()
     ]
 
 
+def test_a_withdrawn_hand_back_gives_way_to_a_reschedule_taken_up_on_the_other_side() -> None:
+    """A cluster: an instance's claim was answered 202 and handed back, marked withdrawn
+    (after.quorum); meanwhile a client's reschedule, answered 201, was taken up by
+    another instance (`scheduled` at the new date). Both got as far (no run), so
+    without the mark CouchDB's pick would decide, and the reschedule be lost half the
+    time. The withdrawn hand-back gives way, whichever revision wins."""
+    handed_back = tasks.withdrawn_update(doc("waiting", _rev="4-w", attempt=0))
+    taken_up = doc("scheduled", OTHER, _rev="4-s", attempt=0, date=NEW_DATE)
+    for winner, loser in ((handed_back, taken_up), (taken_up, handed_back)):
+        updated, *deletions = tasks.resolve_conflict(
+            {**winner, "_conflicts": [loser["_rev"]]}, [loser]
+        )
+        assert (updated["_rev"], updated["date"], updated["owner"]) == ("4-s", NEW_DATE, OTHER)
+        assert [d["_rev"] for d in deletions] == ["4-w"]
+        assert updated["conflicts_resolved"][0]["status"] == "waiting"
+
+
+def test_a_withdrawn_hand_back_stays_beside_another_withdrawn_or_a_revision_less_far() -> None:
+    ours = tasks.withdrawn_update(doc("waiting", _rev="4-w", attempt=1))
+    theirs = tasks.withdrawn_update(doc("waiting", _rev="4-v", attempt=1, date=NEW_DATE))
+    assert tasks.resolve_conflict(ours, [theirs])[0]["_rev"] == "4-w"  # CouchDB's winner
+    claimed_before = doc("scheduled", OTHER, _rev="4-s", attempt=0)  # an attempt fewer
+    assert tasks.resolve_conflict(ours, [claimed_before])[0]["_rev"] == "4-w"
+
+
+def test_only_a_hand_back_of_an_unconfirmed_write_is_marked_withdrawn() -> None:
+    """A worker's next move of the task (a claim, a commit, a cancel carried out, any
+    other hand-back) clears the mark: it then stands as any revision does."""
+    at = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    marked = tasks.withdrawn_update(tasks.hand_back_update(doc("scheduled", ME)))
+    assert marked["withdrawn"] is True and marked["status"] == "waiting"
+    for move in (
+        tasks.claim_update(marked, ME, at),
+        tasks.running_update(marked, ME),
+        tasks.hand_back_update(marked),
+        tasks.canceled_update({**marked, "status": "cancel"}, at),
+    ):
+        assert "withdrawn" not in move, move["status"]
+
+
 @pytest.mark.parametrize("ended", ["done", "err", "canceled"])
 def test_a_clients_move_beside_a_task_that_ended_is_only_recorded(ended: str) -> None:
     end = doc(ended, ME, _rev="5-e", attempt=1, finished_at="2026-12-01T09:30:01Z")
@@ -398,9 +442,9 @@ def test_a_clients_move_beside_a_task_that_ended_is_only_recorded(ended: str) ->
 @pytest.mark.parametrize(
     "winner, loser",
     [
-        (doc("running", ME, attempt=1), doc("done", OTHER, attempt=1)),  # another's run
+        (doc("running", ME, attempt=1), doc("err", OTHER, attempt=1)),  # another's run
         (doc("running", ME, attempt=2), doc("err", ME, attempt=1)),  # an earlier attempt
-        (doc("cancel", ME, attempt=1), doc("done", ME, attempt=1)),  # a client's request
+        (doc("cancel", ME, attempt=1), doc("err", ME, attempt=1)),  # a client's request
         (doc("running", ME, attempt=1), doc("scheduled", ME, attempt=1)),  # not an end
     ],
     ids=["other owner", "earlier attempt", "winner not running", "loser not ended"],
@@ -413,6 +457,37 @@ def test_the_winner_stays_unless_a_loser_ended_its_own_run(
     updated, *_ = tasks.resolve_conflict(winner, [loser])
     assert updated["status"] == winner["status"] and updated["owner"] == winner["owner"]
     assert updated["attempt"] == winner["attempt"]
+
+
+def test_a_cancel_of_a_run_stands_over_that_runs_end_whichever_couchdb_picks() -> None:
+    """A cluster: the client's cancel of a running task (answered 201) and the run's
+    `done` were both based on the `running`; the cancel was carried out on its side.
+    As on one node, where the instance records the run as canceled when its job ends,
+    the task is canceled; the run's end is recorded."""
+    ran = {"attempt": 1, "started_at": "2026-12-01T09:30:00.100Z"}
+    done = doc("done", ME, finished_at=T1, result=42, **ran)
+    canceled = doc("canceled", ME, canceled_at=T2, **ran)
+    for done_rev, canceled_rev in (("4-a", "4-b"), ("4-b", "4-a")):
+        leaves = [{**done, "_rev": done_rev}, {**canceled, "_rev": canceled_rev}]
+        updated, *deletions = resolved(leaves)
+        assert (updated["_rev"], updated["status"]) == (canceled_rev, "canceled")
+        assert [d["_rev"] for d in deletions] == [done_rev]
+        assert updated["conflicts_resolved"][0]["status"] == "done"
+    # The end of another attempt, or of another instance's run, is no run it canceled.
+    for other in ({**done, "attempt": 2}, {**done, "owner": OTHER}):
+        leaves = [{**other, "_rev": "4-a"}, {**canceled, "_rev": "4-b"}]
+        assert resolved(leaves)[0]["_rev"] == "4-a"
+
+
+@pytest.mark.parametrize("final", ["done", "canceled"])
+def test_a_final_revision_stands_over_any_not_final_whichever_couchdb_picks(final: str) -> None:
+    """Two runs of one attempt on two branches (a partition): the one that ended the
+    task stands, and every resolver, whatever leaves it sees, keeps the same one."""
+    ended = doc(final, OTHER, _rev="5-a", attempt=1)
+    running = doc("running", ME, _rev="5-b", attempt=1, finished_at="2026-12-01T09:31:00Z")
+    updated, *deletions = tasks.resolve_conflict({**running, "_conflicts": ["5-a"]}, [ended])
+    assert (updated["_rev"], updated["status"]) == ("5-a", final)
+    assert [d["_rev"] for d in deletions] == ["5-b"]
 
 
 def test_news_is_a_later_version_or_any_other_of_the_same_generation() -> None:
@@ -471,3 +546,73 @@ def test_a_running_never_started_is_handed_back_as_the_same_attempt() -> None:
     assert back["status"] == "waiting" and "owner" not in back and "attempt" not in back
     retry = tasks.running_update({**doc("waiting", None), "attempt": 2}, ME)
     assert tasks.unstarted_hand_back_update(retry)["attempt"] == 2
+
+
+# The kinds of revision a conflict's leaves can be, all branches of one waiting task.
+T1, T2 = "2026-12-01T09:30:01Z", "2026-12-01T09:30:02Z"
+LEAF_KINDS: dict[str, dict[str, object]] = {
+    "handed back": doc("waiting", attempt=0),
+    "withdrawn": tasks.withdrawn_update(doc("waiting", attempt=0)),
+    "claimed": doc("scheduled", ME, attempt=0),
+    "reschedule taken up": doc("scheduled", OTHER, attempt=0, date=NEW_DATE),
+    "running here": doc("running", ME, attempt=1),
+    "running there": doc("running", OTHER, attempt=1),
+    "done here": doc("done", ME, attempt=1, finished_at=T1),
+    "lost there": doc("err", OTHER, attempt=1, finished_at=T2, error={"type": tasks.LOST}),
+    "cancel": doc("cancel", attempt=0),
+    "reschedule": doc("reschedule", attempt=0, date=NEW_DATE),
+    "canceled": doc("canceled", OTHER, attempt=0, canceled_at=T1),
+    "run canceled here": doc("canceled", ME, attempt=1, canceled_at=T2),
+    "cancel of the run here": doc("cancel", ME, attempt=1),
+    "failed there": doc("err", OTHER, attempt=1, finished_at=T1, error={"type": "ValueError"}),
+}
+
+
+def couchdbs_winner(leaves: list[dict[str, object]]) -> dict[str, object]:
+    """The revision CouchDB picks: the highest generation, then the highest id."""
+    return max(leaves, key=lambda d: (tasks.rev_number(str(d["_rev"])), str(d["_rev"])))
+
+
+def resolved(leaves: list[dict[str, object]]) -> list[dict[str, object]]:
+    winner = couchdbs_winner(leaves)
+    others = [leaf for leaf in leaves if leaf is not winner]
+    conflicts = [str(leaf["_rev"]) for leaf in others]
+    return tasks.resolve_conflict({**winner, "_conflicts": conflicts}, others)
+
+
+@settings(max_examples=int(os.environ.get("AFTER_TEST_EXAMPLES", "300")), deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(sorted(LEAF_KINDS)), min_size=2, max_size=5, unique=True),
+    generations=st.lists(st.integers(3, 6), min_size=5, max_size=5),
+    written_id=st.text("0123456789abcdef", min_size=1, max_size=2),
+    late=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_a_resolution_stands_beside_any_of_the_leaves_it_deleted(
+    kinds: list[str], generations: list[int], written_id: str, late: list[bool]
+) -> None:
+    """Another resolver may see the revision a resolution wrote beside some of the
+    leaves it deleted (their deletions not arrived yet). It must not choose otherwise:
+    it keeps that revision, or CouchDB's winner with the same content. A resolver that
+    keeps a losing revision deletes the others first (after.conflicts), so two that
+    each kept another revision would delete each other's choice, and the task be lost."""
+    leaves = [
+        {**LEAF_KINDS[kind], "_rev": f"{generation}-{chr(97 + n)}"}
+        for n, (kind, generation) in enumerate(zip(kinds, generations, strict=False))
+    ]
+    updated, *deletions = resolved(leaves)
+    written = {**updated, "_rev": f"{tasks.rev_number(str(updated['_rev'])) + 1}-{written_id}"}
+    deleted = {d["_rev"] for d in deletions}
+    still_there = [
+        leaf
+        for leaf, is_late in zip(leaves, late, strict=False)
+        if is_late and leaf["_rev"] in deleted
+    ]
+    if not still_there:
+        return
+    seen = [written, *still_there]
+    again, *_ = resolved(seen)
+    assert again["_rev"] in (written["_rev"], couchdbs_winner(seen)["_rev"]), kinds
+    ignored = ("_rev", "conflicts_resolved")
+    assert {k: v for k, v in again.items() if k not in ignored} == {
+        k: v for k, v in written.items() if k not in ignored
+    }, kinds
