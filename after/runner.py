@@ -293,11 +293,16 @@ class Runner:
         while a conflict was being resolved): when the task again says we run it, the
         outcome is written there, rather than the run failed as "worker lost"."""
         doc, outcome = state.doc, state.pending_outcome
-        if outcome is None or state.local is not Local.NONE or state.writing:
+        if outcome is None or state.local is not Local.NONE:
             return False
         status = doc.get("status")
         if status != "cancel" and (status != "running" or doc.get("owner") != self.worker.instance):
             return False
+        if state.writing:
+            # A write is out (the outcome's, or a conflict's resolution): its answer
+            # decides again. Deciding now would take our own run for lost (a 3-node
+            # cluster test's task ended `err` "worker lost" though its job had run).
+            return True
         self.write_outcome(task_id, state, outcome)
         return True
 

@@ -137,7 +137,8 @@ def test_a_clients_cancel_that_lost_the_conflict_to_a_worker_still_cancels(
         push(db)
         start_fast(config_=config.override(db=db.name))
         final = wait_status(db, task_id, "canceled", timeout=20)
-        assert not db.get(task_id, conflicts=True).get("_conflicts")
+        # On a cluster the loser's deletion reaches the copies a moment apart.
+        wait_for(lambda: not db.get(task_id, conflicts=True).get("_conflicts"), timeout=10)
         assert final["conflicts_resolved"] == [
             {
                 "rev": worker_rev,
@@ -379,6 +380,31 @@ def test_an_outcome_refused_while_a_conflict_was_resolved_is_written_on_the_run_
     worker.started_runs[task_id] = None
     started = tasks.now()
     state.pending_outcome = tasks.outcome_fields(started, started, result="the job's result")
+    worker.decide(task_id, state)
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+    final = db.get(task_id)
+    assert final["status"] == "done" and final["result"] == "the job's result", final
+    worker.executor.shutdown()
+
+
+def test_a_run_whose_outcome_is_being_written_is_not_taken_for_lost(
+    config: Config, db: Database
+) -> None:
+    """A conflict's resolution kept our `running` while our run's outcome was being
+    written: deciding on that version must wait for the write's answer, not fail our
+    own run as "worker lost"."""
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(-1)))
+    db.put({**db.get(task_id), "status": "running", "owner": worker.instance, "attempt": 1})
+    running = db.get(task_id)
+    state = worker.states[task_id] = TaskState(running, writing=True)
+    worker.started_runs[task_id] = None
+    started = tasks.now()
+    state.pending_outcome = tasks.outcome_fields(started, started, result="the job's result")
+    worker.decide(task_id, state)
+    assert not worker.writer.queue.qsize()  # nothing to write over it: no "worker lost"
+    state.writing = False  # the write's answer came: the outcome is written now
     worker.decide(task_id, state)
     worker.writer.start()
     worker.writer.stop()  # sends what was written
