@@ -279,13 +279,18 @@ def test_a_rescheduled_task_runs_at_its_new_date(
 
 
 def claim(db: Database, doc: dict[str, Any], owner: str = "manobi@elsewhere:42:w1") -> None:
-    """What a worker writes when it claims a task: a new revision, under its own name."""
+    """What a worker writes when it claims a task: a new revision, under its own name.
+    The race tests below play it step by step on a database of one copy: on a cluster
+    the client's read right after this write may meet a copy that lags it (the client
+    then meets a 409, or its write is stored beside the claim, answered 202: the
+    conflict a worker resolves, tests/test_resilience.py)."""
     db.put({**doc, "status": "scheduled", "owner": owner, "claimed_at": "2030-01-01T00:00:00Z"})
 
 
 def test_a_reschedule_that_races_a_claim_rereads_and_keeps_the_worker_fields(
-    db: Database,
+    one_copy_db: Database,
 ) -> None:
+    db = one_copy_db  # the client's logic, step by step (see `claim`)
     task_id = db.post(new_task(date="2030-01-01"))[0]
     stale = db.get(task_id)  # the client reads ...
     claim(db, dict(stale))  # ... the worker writes a new revision ...
@@ -301,8 +306,9 @@ def test_a_reschedule_that_races_a_claim_rereads_and_keeps_the_worker_fields(
 
 
 def test_a_reschedule_that_races_a_run_start_decides_again_and_writes_nothing(
-    db: Database,
+    one_copy_db: Database,
 ) -> None:
+    db = one_copy_db  # the client's logic, step by step (see `claim`)
     task_id = db.post(new_task(date="2030-01-01"))[0]
     stale = db.get(task_id)
     claim(db, dict(stale))
@@ -313,7 +319,8 @@ def test_a_reschedule_that_races_a_run_start_decides_again_and_writes_nothing(
     assert db.get(task_id) == running  # not clobbered, not even touched
 
 
-def test_a_cancel_that_races_a_claim_cancels_the_claimed_task(db: Database) -> None:
+def test_a_cancel_that_races_a_claim_cancels_the_claimed_task(one_copy_db: Database) -> None:
+    db = one_copy_db  # the client's logic, step by step (see `claim`)
     task_id = db.post(new_task(date="2030-01-01"))[0]
     stale = db.get(task_id)
     claim(db, dict(stale))

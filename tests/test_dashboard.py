@@ -171,6 +171,14 @@ def chromium_problem() -> str | None:
     return None if Path(CHROMIUM).exists() else f"{CHROMIUM} is still missing after apt-get"
 
 
+@pytest.fixture
+def db(one_copy_db: Database) -> Database:
+    """What is checked here is what the page shows of the views, not a cluster's
+    consistency: on a cluster a view is read from one copy of each shard, which may
+    lack the writes just made (docs/couchdb.md). One copy, as on a single node."""
+    return one_copy_db
+
+
 @pytest.fixture(scope="module")  # closed after this file: Playwright keeps an event loop running
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip(

@@ -36,7 +36,7 @@ from after import embedded, records
 from after.config import split_credentials
 from after.couch import Conflict, Database, Forbidden, Server
 from after.push import push
-from after.security import security_object
+from after.security import cluster_nodes, is_pouchdb_server, security_object
 from after.tasks import CLIENT_MOVES, iso, parse_date
 
 NAME = "manobi"
@@ -227,12 +227,18 @@ class WorkerProcess:
 class Workers:
     """Worker processes through the real CLI, each with its own AFTER_HOME and log file."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, lease: float = 1.5) -> None:
         self.tmp_path = tmp_path
+        self.lease = lease
         self.started: list[WorkerProcess] = []
 
     def launch(
-        self, url: str, db_name: str, jobs: Path, heartbeat: float = 0.3, lease: float = 1.5
+        self,
+        url: str,
+        db_name: str,
+        jobs: Path,
+        heartbeat: float = 0.3,
+        lease: float | None = None,
     ) -> WorkerProcess:
         home = self.tmp_path / f"home-{len(self.started)}"
         home.mkdir()
@@ -244,6 +250,7 @@ class Workers:
             "AFTER_CONFIG": "",  # never the user's own ~/.after/config.toml
         }
         command = [sys.executable, "-m", "after", "start", NAME, "--foreground"]
+        lease = self.lease if lease is None else lease
         command += ["--heartbeat", str(heartbeat), "--lease", str(lease), "--jobs", str(jobs)]
         log = home / "worker.log"
         with open(log, "w") as output:  # a file, never a pipe: a full pipe blocks the worker
@@ -270,9 +277,20 @@ class Workers:
             worker.process.wait(10)
 
 
+# The instances' lease on a cluster whose nodes share this machine with the workers and
+# the test: a write there can take over a second under load, and a 1.5 s lease then
+# lapses on a live instance, whose runs its peers fail as "worker lost" (seen on a
+# 3-node cluster on 2 cores). The README's default lease is 30 s.
+CLUSTER_LEASE = 5.0
+
+
+def on_a_cluster(server: Server) -> bool:
+    return not is_pouchdb_server(server) and len(cluster_nodes(server)) > 1
+
+
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    started = Workers(tmp_path)
+def workers(tmp_path: Path, server: Server) -> Iterator[Workers]:
+    started = Workers(tmp_path, lease=CLUSTER_LEASE if on_a_cluster(server) else 1.5)
     try:
         yield started
     finally:
@@ -402,7 +420,11 @@ def test_a_killed_instance_is_taken_over_and_nothing_runs_twice(
     held = {i: d["status"] for i, d in at_death.items() if d.get("owner") == dead}
     held = {i: status for i, status in held.items() if status in ("scheduled", "running")}
     held_counts = Counter(held.values())
-    assert held, "the killed instance held nothing: the test would prove nothing"
+    assert held, (
+        "the killed instance held nothing: the test would prove nothing "
+        f"(claims due later by owner: {dict(claims)}; committed: {dict(committed)}; "
+        f"at death: {dict(Counter((d['status'], d.get('owner')) for d in at_death.values()))})"
+    )
 
     watch.wait(lambda counts: sum(counts[s] for s in FINAL) == len(ids), timeout=90)
     docs = read_all(db, ids)
@@ -454,13 +476,15 @@ def test_a_killed_instance_is_taken_over_and_nothing_runs_twice(
             continue
         takeover = doc["takeovers"][-1]
         assert takeover["from"] == dead, (task_id, doc)
-        if status == "scheduled":
+        if takeover["status"] == "scheduled":
+            assert status == "scheduled", (task_id, doc)
             assert doc["status"] == "done" and doc["owner"] != dead, (task_id, doc)
-            assert takeover["status"] == "scheduled"
             assert [run.pid for run in runs[task_id]] == [pid_of(doc["owner"])]
-        else:
+        else:  # its commit (which may have landed after the read at its death: under
+            # load, 0.5 s was not always enough) is marked lost, not run again
+            assert takeover["status"] == "running", (task_id, doc)
             assert doc["status"] == "err", (task_id, doc)
-            assert takeover["status"] == "running"
+            assert all(run.pid == victim.pid for run in runs.get(task_id, [])), (task_id, doc)
     taken_over = [
         i for i, d in docs.items() if any(t["from"] == dead for t in d.get("takeovers", []))
     ]

@@ -103,7 +103,11 @@ def users(server: Server) -> Iterator[Users]:
 
 @contextmanager
 def deployed(server: Server, security: dict[str, Any]) -> Iterator[Database]:
-    database = server.database(f"after-test-roles-{uuid.uuid4().hex[:12]}")
+    """A database of one copy: what is tested here is validate_doc_update and the
+    security object, the same on every copy (conftest.one_copy_db)."""
+    name = f"after-test-roles-{uuid.uuid4().hex[:12]}"
+    server.request("PUT", name, params={"n": 1})
+    database = server.database(name)
     push(database)
     database.set_security(security)
     try:
@@ -541,8 +545,9 @@ def test_a_wrong_password_is_refused_not_taken_for_anonymous(
     assert caught.value.status == 401
 
 
-def test_a_worker_may_record_a_resolved_conflict_on_a_final_task(db: Database) -> None:
+def test_a_worker_may_record_a_resolved_conflict_on_a_final_task(one_copy_db: Database) -> None:
     """Only `conflicts_resolved` may change, and only by a worker (or an admin)."""
+    db = one_copy_db
     task_id, _ = db.post(new_task())
     doc = db.get(task_id)
     for status in ("scheduled", "running", "done"):
