@@ -396,7 +396,8 @@ def resolve_conflict(winner: Doc, losers: list[Doc]) -> list[Doc]:
     revision can both be accepted. The record holds no time, so two resolutions of
     one conflict write the same content.
     """
-    standing = [doc for doc in (winner, *losers) if not superseded(doc, [winner, *losers])]
+    runs = runs_in([winner, *losers])
+    standing = [doc for doc in (winner, *losers) if not superseded(doc, runs)]
     best = furthest(winner, standing)
     ended = run_ended_in(winner, [doc for doc in standing if doc is not winner])
     if best not in (None, ended):
@@ -517,8 +518,9 @@ def run_ended_in(winner: Doc, losers: list[Doc]) -> Doc | None:
     return latest(ends)
 
 
-def superseded(doc: Doc, leaves: list[Doc]) -> bool:
-    """Whether `doc` is a run's end that another leaf overrides, so it cannot be kept:
+def superseded(doc: Doc, runs: list[dict[str, Any]]) -> bool:
+    """Whether `doc` is a run's end that another leaf overrides (`runs`: what the
+    conflict's leaves say of the task's runs, `runs_in`), so it cannot be kept:
     - a "worker lost" judgement beside that run's own end (same instance, same
       attempt), written by its instance: cut off from the cluster's majority, whose
       peers judged it dead, it finished the run all the same;
@@ -529,7 +531,7 @@ def superseded(doc: Doc, leaves: list[Doc]) -> bool:
     if doc.get("status") not in ("done", "err") or not doc.get("attempt"):
         return False
     judged_lost = is_judged_lost(doc)
-    for run in runs_in(leaves):
+    for run in runs:
         if run.get("owner") != doc.get("owner") or run.get("attempt") != doc.get("attempt"):
             continue
         if run.get("status") in ("cancel", "canceled"):
@@ -576,8 +578,14 @@ def furthest(winner: Doc, standing: list[Doc]) -> Doc | None:
     two resolvers that see some of the same leaves keep the same one (among ties in
     progress the latest revision is CouchDB's own winner)."""
     pool = [doc for doc in standing if doc.get("status") in FINAL] or standing
-    best = max(pool, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]))
+    best = max(pool, key=furthest_first)
     return None if best is winner else best
+
+
+def furthest_first(doc: Doc) -> tuple[tuple[str, int], int, str]:
+    """Sort key: how far a revision got (`progress`), then the latest revision (the
+    same order on every node)."""
+    return progress(doc), rev_number(doc["_rev"]), doc["_rev"]
 
 
 def not_withdrawn(keep: Doc, others: list[Doc]) -> Doc:
@@ -590,12 +598,9 @@ def not_withdrawn(keep: Doc, others: list[Doc]) -> Doc:
     ahead = [
         doc
         for doc in others
-        if doc.get("withdrawn") is not True
-        and not doc.get("_deleted")
-        and progress(doc) >= progress(keep)
+        if doc.get("withdrawn") is not True and progress(doc) >= progress(keep)
     ]
-    best = max(ahead, key=lambda d: (progress(d), rev_number(d["_rev"]), d["_rev"]), default=None)
-    return best or keep
+    return max(ahead, key=furthest_first, default=keep)
 
 
 def is_newer(doc: Doc, than: Doc) -> bool:
