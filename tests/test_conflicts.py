@@ -678,3 +678,60 @@ def test_a_suspect_claim_of_ours_that_nothing_brings_back_is_found_by_the_audit(
     assert worker.states[task_id].local is Local.HELD and task_id in worker.timer
     assert list(worker.quorum.suspect) == [task_id]
     worker.executor.shutdown()
+
+
+def test_a_suspect_task_is_read_from_a_quorum_before_its_claim(
+    config: Config, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a partition, a task whose version may be our side's is read as a quorum of
+    copies has it before it is claimed, off the control thread (thousands may be
+    suspect): the claim waits for that read, asked for once, then goes ahead."""
+    reads: list[list[str]] = []
+    leaves_of = Database.leaves_of
+
+    def counted(self: Database, doc_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        reads.append(doc_ids)
+        return leaves_of(self, doc_ids)
+
+    monkeypatch.setattr(Database, "leaves_of", counted)
+    worker = Worker(config, "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    state = worker.states[task_id] = TaskState(db.get(task_id))
+    worker.quorum.suspect = {task_id: time.monotonic()}
+
+    worker.claiming.claim(task_id, state)
+    worker.claiming.claim(task_id, state)  # considered again before the read came back
+    assert not state.writing and db.get(task_id)["status"] == "waiting"
+    worker.control.get(timeout=10)()  # the leaf reader's one answer
+    worker.writer.start()
+    worker.writer.stop()  # sends what was written
+
+    assert reads == [[task_id]] and not worker.quorum.suspect
+    claimed = db.get(task_id)
+    assert claimed["status"] == "scheduled" and claimed["owner"] == worker.instance
+    worker.executor.shutdown()
+
+
+def test_a_suspect_task_found_in_conflict_is_resolved_not_claimed(
+    config: Config, replica_db: Database
+) -> None:
+    """The read before a suspect task's claim finds the other side's claim beside the
+    version we had: the conflict is resolved (the other side's claim recorded), and no
+    claim of ours is written over it."""
+    db = replica_db
+    worker = Worker(config.override(db=db.name), "manobi")
+    task_id, _ = db.post(new_task(date=in_seconds(60)))
+    original = db.get(task_id)
+    state = worker.states[task_id] = TaskState(original)
+    branch(db, original, {**original, "status": "scheduled", "owner": OTHER_REPLICA})
+    worker.quorum.suspect = {task_id: time.monotonic()}
+
+    worker.claiming.claim(task_id, state)
+    worker.control.get(timeout=10)()  # the leaf reader's answer
+    worker.writer.start()
+    worker.writer.stop()
+
+    final = db.get(task_id, conflicts=True)
+    assert not final.get("_conflicts")
+    assert final["status"] == "scheduled" and final["owner"] == OTHER_REPLICA
+    worker.executor.shutdown()
