@@ -34,6 +34,7 @@ from after.couch import Conflict, Database, Forbidden, Server
 from after.feed import feed_filter
 from after.push import load_rules, push
 from after.security import is_pouchdb_server
+from after.tasks import claim_update
 
 RULES = load_rules()
 STATUSES: list[str] = RULES["statuses"]
@@ -609,6 +610,34 @@ def test_a_document_with_an_unknown_status_can_be_deleted_or_written_anew(
     assert reason.startswith("status:")
     update(db, doc, status=INITIAL)
     assert db.get(without_status)["status"] == INITIAL
+
+
+def test_a_field_is_checked_when_written_not_again_on_every_move(
+    server: Server, db_name: str
+) -> None:
+    """A task stored before the rules, with a date they refuse: a move that leaves the
+    date as it was is accepted (a client can still cancel it, a worker claim it and
+    then fail it with the reason), a move that writes a date has it checked. The same
+    rule makes a worker's moves cheap: CouchDB runs the function for every write, and
+    a field unchanged since it was checked is not checked again."""
+    database = server.database(db_name + "-checked-when-written")
+    database.create()
+    try:
+        to_cancel, _ = database.post(task(date="next tuesday"))
+        to_claim, _ = database.post(task(date="next tuesday"))
+        push(database)
+
+        doc = database.get(to_cancel)
+        reason = refusal(lambda: update(database, doc, status="reschedule", date="next friday"))
+        assert reason.startswith("date:") and "not an ISO 8601 date" in reason
+        update(database, doc, status="cancel")
+        assert database.get(to_cancel)["status"] == "cancel"
+
+        doc = database.get(to_claim)
+        database.put(claim_update(doc, "manobi@host:1:aaaa", datetime.now(UTC)))
+        assert database.get(to_claim)["status"] == "scheduled"
+    finally:
+        database.delete()
 
 
 # -- the worker filter ---------------------------------------------------------------------
