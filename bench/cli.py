@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if (uneven := report.uneven_trickle_note(results)) is not None:
         notes.append(uneven)
+    if (floor := report.validation_floor_note(results)) is not None:
+        notes.append(floor)
     b1 = s.get("burst_1") or {}
     c = s.get("ceiling") or {}
     if b1.get("throughput_db_per_s") and c.get("ceiling_tasks_per_s"):

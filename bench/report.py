@@ -149,6 +149,24 @@ def uneven_trickle_note(results: dict[str, Any]) -> str | None:
     )
 
 
+def validation_floor_note(results: dict[str, Any]) -> str | None:
+    """A note when validation costs more than 2x and a `validate_doc_update` that does
+    nothing already does: no validation function can meet that target on this server,
+    and what After's own function adds is its cost over that floor."""
+    c = _get(results, "scenarios", "ceiling") or {}
+    none = c.get("bulk_create_without_validation_docs_per_s")
+    empty = c.get("bulk_create_with_empty_validation_docs_per_s")
+    ours = c.get("bulk_create_docs_per_s")
+    floor, own = ratio(none, empty), ratio(empty, ours)
+    if floor is None or own is None or floor <= 2.0:
+        return None
+    return (
+        f"a `validate_doc_update` that does nothing already makes `_bulk_docs` creates "
+        f"{floor:g}x slower on this server: no validation function can cost at most 2x here; "
+        f"After's costs {own:g}x that empty function"
+    )
+
+
 def peer_ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Each peer figure divided by After's (1 instance) for the same scenario."""
     s = results["scenarios"]
@@ -239,12 +257,13 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     if c:
         t = Table(title=f"ceiling: {results['server']['kind']}")
         for h in ("1 client POST/s", "8 clients POST/s", "bulk create docs/s",
-                  "bulk create, no validation", "bulk update docs/s",
-                  "ceiling tasks/s (÷3)"):  # fmt: skip
+                  "bulk create, no validation", "bulk create, empty validation",
+                  "bulk update docs/s", "ceiling tasks/s (÷3)"):  # fmt: skip
             t.add_column(h, justify="right")
         t.add_row(*(_fmt(c.get(k)) for k in (
             "single_post_1_client_per_s", "single_post_8_clients_per_s",
             "bulk_create_docs_per_s", "bulk_create_without_validation_docs_per_s",
+            "bulk_create_with_empty_validation_docs_per_s",
             "bulk_update_docs_per_s", "ceiling_tasks_per_s")))  # fmt: skip
         console.print(t)
     t = Table(title="burst and trickle (lateness = job start - due)")
@@ -427,7 +446,9 @@ def append_docs(results: dict[str, Any], path: Path = DOCS) -> None:
             f"{_fmt(c.get('single_post_without_validation_per_s'))} without the design doc), "
             f"{_fmt(c['single_post_8_clients_per_s'])}/s (8 clients); `_bulk_docs` creates "
             f"{_fmt(c['bulk_create_docs_per_s'])} docs/s "
-            f"({_fmt(c.get('bulk_create_without_validation_docs_per_s'))} without the design doc), "
+            f"({_fmt(c.get('bulk_create_without_validation_docs_per_s'))} without the design doc, "
+            f"{_fmt(c.get('bulk_create_with_empty_validation_docs_per_s'))} with a "
+            "`validate_doc_update` that does nothing), "
             f"updates {_fmt(c['bulk_update_docs_per_s'])} docs/s → ceiling "
             f"{_fmt(c['ceiling_tasks_per_s'])} tasks/s.",
             "",
