@@ -48,7 +48,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from after import tasks
-from after.couch import Database
+from after.couch import CouchError, Database
 from after.tasks import Doc, Local, TaskState
 
 if TYPE_CHECKING:
@@ -69,7 +69,6 @@ class Quorum:
         # Copies of the database (a cluster's n): with more than one, commits are confirmed.
         self.copies = 1
         self.reader: LeafReader | None = None
-        self.reading: set[str] = set()  # suspect tasks read before their claim
 
     @property
     def confirms_commits(self) -> bool:
@@ -136,43 +135,31 @@ class Quorum:
     # -- before a claim -------------------------------------------------------------------
     def clear_to_claim(self, task_id: str, state: TaskState) -> bool:
         """Whether the task may be claimed now. A suspect one is first read as a quorum
-        of copies has it, off the control thread and many in one request (after a
-        partition thousands may be suspect, and a read each would hold up every other
-        task): its claim waits for that read (`read_before_claim`)."""
+        of copies has it: with a conflict there, that version is acted on instead."""
         if task_id not in self.suspect:
             return True
-        if task_id not in self.reading:
-            self.reading.add(task_id)
-            control = self.worker.control
-            self.leaf_reader().read(
-                task_id, lambda leaves: control.put(lambda: self.read_before_claim(task_id, leaves))
-            )
-        return False
-
-    def read_before_claim(self, task_id: str, leaves: list[Doc] | None) -> None:
-        """A suspect task's leaves, read before claiming it: the version we have, alone,
-        is no longer suspect and is decided on again (claimed if still free); a conflict,
-        or a version we have not seen, is acted on instead."""
         worker = self.worker
-        self.reading.discard(task_id)
-        state = worker.states.get(task_id)
-        if state is None or state.writing or state.local is not Local.NONE:
-            return  # moved on meanwhile, and decided on then
-        if leaves is None:
-            log.warning("task %s: could not read its revisions; claiming it later", task_id)
-            return worker.claiming.claim_later(task_id, worker.heartbeat, anyway=False)
-        if not leaves:  # deleted meanwhile
-            return worker.forget(task_id)
+        try:
+            leaves = worker.db.leaves(task_id)
+        except CouchError as exc:
+            log.warning("task %s: could not read its revisions (%s); later", task_id, exc)
+            worker.conflicts.recheck_later(task_id, delay=worker.heartbeat)
+            return False
         if len(leaves) == 1 and leaves[0]["_rev"] == state.doc["_rev"]:
             self.suspect.pop(task_id, None)
-            return worker.decide(task_id, state)
-        winner = tasks.latest(leaves)
+            return True
+        if not leaves:  # deleted meanwhile
+            worker.forget(task_id)
+            return False
+        # A conflict, or a version we have not seen: decide on that instead.
+        winner = max(leaves, key=lambda leaf: (tasks.rev_number(leaf["_rev"]), leaf["_rev"]))
         others = [leaf["_rev"] for leaf in leaves if leaf is not winner]
         log.info(
             "task %s: %d revision(s) after the partition; deciding again", task_id, len(leaves)
         )
         state.doc = {**winner, "_conflicts": others} if others else winner
         worker.act_on(task_id, state)
+        return False
 
     # -- a commit answered 201, before its run starts ---------------------------------------
     def leaf_reader(self) -> LeafReader:
@@ -251,7 +238,9 @@ class Quorum:
         worker = self.worker
         if leaves is None or task_id in worker.states:
             return
-        winner = tasks.latest(leaves)
+        winner = max(
+            leaves, key=lambda leaf: (tasks.rev_number(leaf["_rev"]), leaf["_rev"]), default=None
+        )
         if winner is None or (len(leaves) == 1 and winner.get("status") in tasks.ENDED):
             self.suspect.pop(task_id, None)
             return
