@@ -616,8 +616,8 @@ def test_a_field_is_checked_when_written_not_again_on_every_move(
     server: Server, db_name: str
 ) -> None:
     """A task stored before the rules, with a date they refuse: a move that leaves the
-    date as it was is accepted (a client can still cancel it, a worker claim it and
-    then fail it with the reason), a move that writes a date has it checked. The same
+    date as it was is accepted (a client's cancel, a worker's claim), a move that
+    writes a date has it checked. The same
     rule makes a worker's moves cheap: CouchDB runs the function for every write, and
     a field unchanged since it was checked is not checked again."""
     database = server.database(db_name + "-checked-when-written")

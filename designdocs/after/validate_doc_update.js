@@ -69,7 +69,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     before = before || {};
     for (var i = 0; i < rules.worker_fields.length; i++) {
       var field = rules.worker_fields[i];
-      if (JSON.stringify(doc[field]) !== JSON.stringify(before[field])) {
+      if (!sameJSON(doc[field], before[field])) {
         refuse(field + ': only ' + roleName('worker') + ' may write ' + field +
                ', a field the worker owns (send it back as you read it)');
       }
@@ -104,7 +104,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
   // The force flag marks a server admin's edit of a final task (an audit trail).
   function checkForce(doc, before) {
     var field = rules.force_field;
-    if (!isAdmin && JSON.stringify(doc[field]) !== JSON.stringify((before || {})[field])) {
+    if (!isAdmin && !sameJSON(doc[field], (before || {})[field])) {
       refuse(field + ': only server admins may force-edit a final task ("' + field + '": true)');
     }
   }
@@ -152,13 +152,14 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
     for (key in a) { if (owns(a, key)) { keys[key] = true; } }
     for (key in b) { if (owns(b, key)) { keys[key] = true; } }
     for (key in keys) {
-      if (ignored.indexOf(key) < 0 && JSON.stringify(a[key]) !== JSON.stringify(b[key])) {
+      if (ignored.indexOf(key) < 0 && !sameJSON(a[key], b[key])) {
         return false;
       }
     }
     return true;
   }
 
+  // The same JSON value (a JSON document holds no NaN, so === implies it).
   function sameJSON(a, b) {
     return a === b || JSON.stringify(a) === JSON.stringify(b);
   }
@@ -437,7 +438,7 @@ function validate_doc_update(newDoc, oldDoc, userCtx, secObj) {
       return;  // a server admin's forced edit; the document keeps "force": true
     }
     if (hasRole('worker') && sameExcept(newDoc, oldDoc, ['_rev', '_revisions', 'conflicts_resolved']) &&
-        JSON.stringify(newDoc.conflicts_resolved) !== JSON.stringify(oldDoc.conflicts_resolved)) {
+        !sameJSON(newDoc.conflicts_resolved, oldDoc.conflicts_resolved)) {
       return;  // a worker records the conflicting revisions it resolved (after/tasks.py)
     }
     refuse('status: a ' + from + ' task cannot change (' + from + ' is final); only a server admin ' +
