@@ -76,6 +76,9 @@ class Claiming:
         doc = state.doc
         if worker.stopping.is_set():
             return worker.forget(task_id)
+        # What we held was an older version (a client rescheduled it): its timer must not
+        # commit this one, whether we claim it now or later.
+        worker.unhold(task_id, state)
         if worker.quorum.lost:  # our node is cut off: what we claim, the other side may too
             return self.claim_later(task_id, CLAIM_FALLBACK, anyway=False)
         if doc.get("status") in ("waiting", "reschedule"):
@@ -91,7 +94,6 @@ class Claiming:
             # A dead instance's claim: the live instance it now falls to takes it
             # over, the others only if that one has not after a moment.
             return self.claim_later(task_id, CLAIM_FALLBACK, anyway=True)
-        worker.unhold(task_id, state)
         if doc.get("status") == "scheduled":
             log.warning(
                 "task %s: taking it over from %s, whose lease ran out", task_id, doc.get("owner")
@@ -201,8 +203,10 @@ class Claiming:
 
     # -- the horizon (the housekeeping thread) -------------------------------------------------
     def sweep_horizon(self) -> None:
-        """Claim the waiting tasks the horizon has reached since the last sweep."""
+        """Claim the waiting tasks the horizon has reached since the last sweep, and take
+        up any reschedule not taken up yet (its write back was lost in an outage)."""
         worker = self.worker
         until = tasks.iso(tasks.now() + worker.horizon)
-        for doc in worker.feed.tasks_in("waiting", until):
-            worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))
+        for status in ("waiting", "reschedule"):
+            for doc in worker.feed.tasks_in(status, until):
+                worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))

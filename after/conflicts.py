@@ -112,7 +112,7 @@ class Conflicts:
         if task_id in worker.started_runs or state.local is Local.RUNNING:
             return leaves
         return [
-            tasks.unstarted_hand_back_update(leaf)
+            tasks.hand_back_update(leaf)
             if leaf.get("status") == "running" and leaf.get("owner") == worker.instance
             else leaf
             for leaf in leaves

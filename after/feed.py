@@ -78,8 +78,10 @@ class Feed:
     def read_current_state(self) -> None:
         """The active tasks of this worker, paged, oldest first within each status.
 
-        Waiting and rescheduled tasks are read only up to the horizon: later ones
-        stay in the database until the horizon reaches them.
+        Waiting tasks are read only up to the horizon: later ones stay in the database
+        until the horizon reaches them. Rescheduled ones are read whatever their date:
+        a reschedule made while no instance ran is taken up now (one beyond the horizon
+        is handed back as `waiting`, for the horizon sweep to find), never left as it is.
         """
         worker = self.worker
         selectors = worker.server.serves_selector_feeds()
@@ -88,7 +90,7 @@ class Feed:
         count = 0
         horizon_end = tasks.iso(tasks.now() + worker.horizon)
         for status in tasks.ACTIVE:
-            end = horizon_end if status in ("waiting", "reschedule") else {}
+            end = horizon_end if status == "waiting" else {}
             page: list[Doc] = []
             for doc in self.tasks_in(status, end):
                 page.append(doc)

@@ -207,7 +207,7 @@ class Quorum:
         worker.pool.uncommit(task_id)
         worker.runner.commit_waiting()
         worker.unhold(task_id, state)
-        worker.writes.write(task_id, tasks.withdrawn_update(tasks.unstarted_hand_back_update(doc)))
+        worker.writes.write(task_id, tasks.withdrawn_update(tasks.hand_back_update(doc)))
 
     def confirm_again(self, task_id: str) -> None:
         state = self.worker.states.get(task_id)

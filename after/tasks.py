@@ -244,16 +244,14 @@ def running_update(doc: Doc, me: str) -> Doc:
 
 def hand_back_update(doc: Doc) -> Doc:
     """Back to `waiting` for any instance to take (graceful stop, or rescheduled
-    beyond the horizon)."""
-    return _update(doc, status="waiting", owner=None, claimed_at=None, withdrawn=None)
-
-
-def unstarted_hand_back_update(doc: Doc) -> Doc:
-    """A `running` whose run never began, handed back: the attempt its commit counted
-    is taken back too, so the run that follows is the same attempt (and the same
-    idempotency key), not a retry."""
-    attempt = int(doc.get("attempt", 1)) - 1
-    return _update(hand_back_update(doc), attempt=attempt if attempt > 0 else None)
+    beyond the horizon). A run is handed back only before it began: from `running` (a
+    commit), the attempt the commit counted is taken back too, so the run that follows
+    is the same attempt (and the same idempotency key), not a retry."""
+    fields: dict[str, Any] = {"owner": None, "claimed_at": None, "withdrawn": None}
+    if doc.get("status") == "running":
+        attempt = int(doc.get("attempt", 1)) - 1
+        fields["attempt"] = attempt if attempt > 0 else None
+    return _update(doc, status="waiting", **fields)
 
 
 def withdrawn_update(hand_back: Doc) -> Doc:

@@ -399,10 +399,7 @@ class Worker:
             self.runner.hold(task_id, state)
         elif step is Step.RELEASE:
             self.unhold(task_id, state)
-            if doc.get("status") == "running":  # ours, never started: see tasks.next_step
-                self.writes.write(task_id, tasks.unstarted_hand_back_update(doc))
-            else:
-                self.writes.write(task_id, tasks.hand_back_update(doc))
+            self.writes.write(task_id, tasks.hand_back_update(doc))
         elif step is Step.CANCEL:
             self.unhold(task_id, state)
             if state.local is Local.RUNNING:  # the timer started it a moment ago

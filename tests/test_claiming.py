@@ -173,3 +173,27 @@ def test_when_an_instance_leaves_only_its_share_of_the_claims_moves(config: Conf
     after = {task_id: worker.membership.first_claimer(task_id) for task_id in ids}
     moved = {task_id for task_id in ids if before[task_id] != after[task_id]}
     assert moved == {task_id for task_id in ids if before[task_id] == peers[0]}
+
+
+# -- a held task steered while its new claim is put off -----------------------------------
+
+
+def test_a_held_task_rescheduled_while_its_new_claim_waits_is_not_committed_on_the_old_date(
+    db: Database, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client reschedules a task this instance holds, and the instance puts off its new
+    claim (no room now). What it held was the old version: its timer must not commit the
+    `reschedule` version at the old date (refused, `reschedule` -> `running`, and the task
+    then forgotten, `reschedule` for ever: issue #31's fuzz failure)."""
+    worker = start_worker()
+    task_id = create(db, date=in_seconds(1.5))
+    held = wait_status(db, task_id, "scheduled")
+    room = worker.claiming.has_room_for
+    refusals = iter([False])  # the first look after the reschedule finds no room
+    worker.claiming.has_room_for = lambda doc: next(refusals, True) and room(doc)
+    new_date = in_seconds(2.5)
+    with caplog.at_level("ERROR", logger="after"):
+        db.put({**held, "status": "reschedule", "date": new_date})
+        doc = wait_status(db, task_id, "done", timeout=15)
+    assert parse_date(doc["started_at"]) >= parse_date(new_date)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

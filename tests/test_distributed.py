@@ -188,6 +188,21 @@ def test_a_reschedule_beyond_the_horizon_releases_the_task(db: Database, start_f
     assert "owner" not in doc
 
 
+def test_a_reschedule_beyond_the_horizon_made_while_no_worker_runs_still_runs(
+    db: Database, start_fast
+) -> None:
+    """A deploy: the task was handed back, a client moved it further ahead than the
+    horizon while no instance ran, then an instance starts. Nobody has taken the
+    reschedule up: start-up reads it whatever its date, so it runs at its new date
+    (issue #31: it stayed `reschedule` past its date)."""
+    task_id = create(db, date=in_seconds(3600))
+    new_date = in_seconds(4)
+    db.put({**db.get(task_id), "status": "reschedule", "date": new_date})
+    start_fast(horizon=2.0)
+    doc = wait_status(db, task_id, "done", timeout=12)
+    assert parse_date(doc["started_at"]) >= parse_date(new_date)
+
+
 def test_start_up_reads_only_the_due_window(db: Database, start_fast) -> None:
     future = [
         new_task(date=(datetime.now(UTC) + timedelta(days=d)).isoformat()) for d in range(1, 301)
@@ -249,6 +264,23 @@ def test_a_worker_keeps_its_lease_while_a_graceful_stop_waits_for_a_job(
     assert parse_date(record["lease_until"]) > datetime.now(UTC)
     assert wait_status(db, task_id, "done")["owner"] == worker.instance
     wait_for(lambda: db.get(records.record_id(worker.instance))["state"] == "stopped")
+
+
+def test_a_graceful_stop_between_a_commit_and_its_start_uses_up_no_attempt(
+    db: Database, start_fast
+) -> None:
+    """Stopped after the commit (`running`, attempt 1) but before the job began: the task
+    is handed back with the attempt its commit counted taken back, so its only run is
+    attempt 1, with attempt 1's idempotency key, and a retry is not lost (issue #31)."""
+    worker = start_fast(lead=2.0)
+    task_id = create(db, date=in_seconds(3))
+    assert wait_status(db, task_id, "running")["attempt"] == 1
+    worker.stop()
+    assert worker.finished.wait(15)
+    handed_back = wait_status(db, task_id, "waiting")
+    assert "attempt" not in handed_back and "owner" not in handed_back
+    start_fast()
+    assert wait_status(db, task_id, "done")["attempt"] == 1
 
 
 def test_a_clock_far_from_the_servers_is_reported(

@@ -542,10 +542,10 @@ def test_a_refused_outcome_over_another_instances_running_names_the_run_that_hap
 def test_a_running_never_started_is_handed_back_as_the_same_attempt() -> None:
     committed = tasks.running_update(doc("waiting", None), ME)
     assert committed["attempt"] == 1
-    back = tasks.unstarted_hand_back_update(committed)
+    back = tasks.hand_back_update(committed)
     assert back["status"] == "waiting" and "owner" not in back and "attempt" not in back
     retry = tasks.running_update({**doc("waiting", None), "attempt": 2}, ME)
-    assert tasks.unstarted_hand_back_update(retry)["attempt"] == 2
+    assert tasks.hand_back_update(retry)["attempt"] == 2
 
 
 # The kinds of revision a conflict's leaves can be, all branches of one waiting task.
