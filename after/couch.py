@@ -805,6 +805,7 @@ class BulkWriter:
         self.max_batch = max_batch
         self.queue: queue.Queue[Write | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="after-writer", daemon=True)
+        self.given_up = threading.Event()  # a stop ran out of time: end without sending
 
     def start(self) -> None:
         self.thread.start()
@@ -815,10 +816,18 @@ class BulkWriter:
         """Write `doc` within `within` seconds; `on_result` gets its row of the answer."""
         self.queue.put((doc, on_result, time.monotonic() + within))
 
-    def stop(self) -> None:
-        """Send what is queued, at once, then end."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Send what is queued, at once, then end; give up after `timeout` seconds (the
+        server is down: what is not sent stays as the database has it). True if all
+        was sent."""
         self.queue.put(None)
-        self.thread.join()
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            return True
+        self.given_up.set()
+        log.warning("the writer could not send its last writes in %ss; giving up", timeout)
+        self.thread.join(WRITE_RETRY_MAX)
+        return False
 
     def _loop(self) -> None:
         backoff = 0.5
@@ -854,15 +863,21 @@ class BulkWriter:
                     # Unanswered, or failed on the server's side: some may be stored.
                     unanswered.update(doc["_id"] for doc, _, _ in batch if "_id" in doc)
                 taken = batch + taken
-                time.sleep(backoff)
+                if self.given_up.wait(backoff):
+                    return
                 backoff = min(backoff * 2, WRITE_RETRY_MAX)
                 continue
             backoff = 0.5
             docs = [doc for doc, _, _ in batch]
             rows = self._stored_unanswered(docs, rows, unanswered)
             unanswered.difference_update(doc.get("_id") for doc in docs)
-            for (_, on_result, _), row in zip(batch, rows, strict=True):
-                on_result(row)
+            for (doc, on_result, _), row in zip(batch, rows, strict=True):
+                try:
+                    on_result(row)
+                except Exception:  # a caller's bug must not end the writer of every task
+                    log.exception(
+                        "the answer to a write of %s could not be handled", doc.get("_id")
+                    )
 
     def _stored_unanswered(
         self, docs: list[Doc], rows: list[dict[str, Any]], unanswered: set[str]

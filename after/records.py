@@ -65,6 +65,12 @@ def stopped(record: Doc, now: datetime, counts: dict[str, Any]) -> Doc:
     return {**record, **counts, "last_seen": iso(now), "lease_until": iso(now), "state": "stopped"}
 
 
+def abandoned(record: Doc, now: datetime, counts: dict[str, Any]) -> Doc:
+    """An exit on an error, which may have left tasks held: still `running`, with a
+    lease that ends now, so a peer takes its tasks over at once (needs_takeover)."""
+    return {**record, **counts, "last_seen": iso(now), "lease_until": iso(now), "state": "running"}
+
+
 def reaped(record: Doc, by: str, now: datetime) -> Doc:
     return {**record, "state": "lost", "reaped_by": by, "reaped_at": iso(now)}
 

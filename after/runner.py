@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class Runner:
         if worker.stopping.is_set():
             return worker.writes.write(task_id, tasks.hand_back_update(doc))
         due = tasks.parse_date(doc["date"])
+        state.ends_without_run = None  # what an earlier hold found no longer holds
         try:
             state.policy, state.invalid = runs.policy_of(doc), None
         except ValueError as exc:  # the shape was fine (CouchDB checked it), the meaning not
@@ -161,10 +163,25 @@ class Runner:
         if not ready:
             worker.control.put(lambda: self.start(task_id))  # let the control thread decide
             return
-        worker.executor.submit(self.execute, task_id, state)
+        self.submit(task_id, state)
         if state.policy is not None and state.policy.overlap == "allow":
             occurrence = runs.occurrence_of(state.doc)
             worker.control.put(lambda: self.plan_overlap(task_id, state, occurrence))
+
+    def submit(self, task_id: str, state: TaskState) -> None:
+        """Hand the run to a pool thread; what its thread raises is never dropped."""
+        future = self.worker.executor.submit(self.execute, task_id, state)
+        future.add_done_callback(lambda done: self.job_thread_ended(task_id, done))
+
+    def job_thread_ended(self, task_id: str, done: Future[None]) -> None:
+        if done.cancelled() or done.exception() is None:
+            return
+        error = done.exception()
+        log.error("task %s: its run's thread failed (%r); the run fails with it", task_id, error)
+        now = tasks.now()
+        self.worker.pool.ended(task_id, time.monotonic(), began=time.monotonic())
+        outcome = tasks.outcome_fields(now, now, error=error)
+        self.worker.control.put(lambda: self.finished(task_id, outcome))
 
     def start(self, task_id: str) -> None:
         """At the due time, on the control thread: what `start_now` left to it."""
@@ -185,7 +202,7 @@ class Runner:
         state.local, state.spawned = Local.RUNNING, []
         worker.run_started(task_id, state)
         worker.pool.started(task_id, time.monotonic())
-        worker.executor.submit(self.execute, task_id, state)
+        self.submit(task_id, state)
         if state.policy is not None:
             self.plan_overlap(task_id, state, runs.occurrence_of(state.doc))
 
@@ -233,18 +250,18 @@ class Runner:
         worker = self.worker
         doc, policy = state.doc, state.policy
         job = doc["job"]
-        context = JobContext(
-            task_id=task_id,
-            attempt=int(doc.get("attempt", 1)),
-            worker=worker.name,
-            idempotency_key=runs.idempotency_key(doc),
-            couchdb_url=worker.server_url,
-            database=worker.config.db,
-        )
         if state.run_at is not None:
             wait_until(state.run_at.timestamp())  # the timer handed it over a moment early
         began, started = time.monotonic(), tasks.now()
-        try:
+        try:  # everything from here ends in an outcome: a task never stays `running`
+            context = JobContext(
+                task_id=task_id,
+                attempt=int(doc.get("attempt", 1)),
+                worker=worker.name,
+                idempotency_key=runs.idempotency_key(doc),
+                couchdb_url=worker.server_url,
+                database=worker.config.db,
+            )
             if state.invalid is not None:
                 raise ValueError(state.invalid)
             if state.ends_without_run is not None:
@@ -283,6 +300,7 @@ class Runner:
         worker.timer.cancel(("overlap", task_id))
         if state.cancel_requested and outcome.get("error"):
             outcome["error"]["message"] = "canceled while running: " + outcome["error"]["message"]
+        state.cancel_requested = False  # it was this run's; the next one starts afresh
         if state.writing:  # cannot happen in practice; keep the outcome for the next version
             state.newer = state.newer or state.doc
         state.outcome_base = tasks.outcome_base(state.doc, state.run_doc, worker.instance)

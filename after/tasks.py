@@ -54,7 +54,7 @@ class TaskState:
 
     doc: Doc
     local: Local = Local.NONE
-    writing: bool = False  # a write is in flight: decide again when it returns
+    writing: int = 0  # writes in flight (a conflict's resolution may overlap another)
     newer: Doc | None = None  # a version seen while writing
     cancel_requested: bool = False
     policy: Policy | None = None  # the scheduling fields, parsed when it is held

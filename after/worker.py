@@ -55,7 +55,7 @@ from after.config import Config, with_credentials
 from after.conflicts import Conflicts
 from after.couch import BulkWriter, CouchError, NotFound, Server
 from after.feed import DDOC, Feed
-from after.jobs import JobLoader
+from after.jobs import JobLoader, stop_job_process
 from after.membership import CLAIM_FALLBACK, Membership
 from after.quorum import Quorum
 from after.runner import Runner
@@ -66,6 +66,8 @@ from after.writes import Writes
 log = logging.getLogger("after.worker")
 
 FORGOTTEN = 10_000  # ids (and last revisions) of tasks let go, to ignore stale versions
+SIGNAL_LOOK = 0.25  # seconds between the control loop's looks at a signal's stop flag
+WRITER_DRAIN = 30.0  # seconds a shutdown gives the writer to send what is queued
 
 __all__ = ["TaskState", "Worker"]
 
@@ -116,6 +118,13 @@ class Worker:
         self.states: dict[str, TaskState] = {}
         self.stats = Stats()
         self.stopping = threading.Event()
+        # Set by a signal handler, which must take no lock (it may run while this thread
+        # holds the control queue's): the control loop turns it into stop().
+        self.stop_signaled = False
+        # True once a graceful stop has handed back all it held and every run ended: only
+        # then is the record marked stopped. Any other exit leaves the tasks it held to
+        # be taken over at once (records.abandoned).
+        self.stopped_cleanly = False
         self.finished = threading.Event()  # set once the worker has shut down
         # Orders the timer thread's start of a run with the control thread's moves out
         # of COMMITTED (a cancel, a stop): after.runner.Runner.start_now.
@@ -128,7 +137,6 @@ class Worker:
         self.forgotten: OrderedDict[str, int] = OrderedDict()
         # Tasks whose run this instance started (the latest FORGOTTEN of them).
         self.started_runs: OrderedDict[str, None] = OrderedDict()
-        self.start_up_error: Exception | None = None
         # The parts, in the order a task meets them.
         self.feed = Feed(self)
         self.membership = Membership(self)
@@ -171,23 +179,21 @@ class Worker:
         threading.Thread(target=self._housekeep, name="after-housekeeping", daemon=True).start()
         try:
             while True:
+                if self.stop_signaled and not self.stopping.is_set():
+                    self.stop()
                 try:
-                    action = self.control.get(timeout=1.0)
+                    action = self.control.get(timeout=SIGNAL_LOOK)
                 except queue.Empty:
-                    self.runner.commit_waiting()  # run times measured meanwhile may make room
-                    self._write_state_file()  # what the last burst of events changed
-                    continue
+                    action = self.runner.commit_waiting  # run times measured may make room
                 if action is None:
                     break
                 try:
                     action()
+                    self._write_state_file()  # what the last burst of events changed
                 except Exception:  # one bad event must not stop the worker
                     log.exception("internal error while handling an event; continuing")
-                self._write_state_file()
         finally:
             self._shutdown()
-        if self.start_up_error is not None:
-            raise self.start_up_error
 
     def stop(self) -> None:
         """Ask the worker to stop: held tasks are handed back, running jobs finish."""
@@ -200,10 +206,12 @@ class Worker:
         (held tasks are then taken over by other instances when the lease runs out)."""
 
         def on_signal(signum: int, frame: object) -> None:
-            if self.stopping.is_set():
-                log.warning("second signal: stopping at once, without waiting for jobs")
+            # Only a flag and a raw write: the handler runs between two bytecodes of the
+            # main thread, which may hold a lock of the control queue or of logging.
+            if self.stop_signaled or self.stopping.is_set():
+                os.write(2, b"second signal: stopping at once, without waiting for jobs\n")
                 os._exit(1)
-            self.stop()
+            self.stop_signaled = True
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_signal)
@@ -231,12 +239,16 @@ class Worker:
         Each page read goes to the control thread at once, so the first due tasks
         are claimed and run while later pages are still being read.
         """
-        try:
-            self.feed.read_current_state()
-        except Exception as exc:  # e.g. the server went away: the worker cannot start
-            self.start_up_error = exc
-            self.control.put(None)
-            return
+        backoff = 0.5
+        while True:
+            try:
+                self.feed.read_current_state()
+                break
+            except Exception as exc:  # e.g. an outage: read it all again (seen() is idempotent)
+                log.warning("start-up read failed (%s); reading again in %.1fs", exc, backoff)
+                if self.stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, 30.0)
         feed = threading.Thread(
             target=self.feed.follow, args=(since,), name="after-feed", daemon=True
         )
@@ -289,24 +301,41 @@ class Worker:
         if not self.stopping.is_set():
             return  # the usual case: no scan over every task on every write
         if not any(s.writing or s.local is Local.RUNNING for s in self.states.values()):
+            self.stopped_cleanly = True
             self.control.put(None)
 
     def _shutdown(self) -> None:
+        """End the threads, each within a bound, and say in the record how it ended."""
+        clean = self.stopped_cleanly and not any(
+            s.local is not Local.NONE for s in self.states.values()
+        )
+        if not clean:
+            log.error(
+                "worker %s is exiting on an error: what it held is left for its peers "
+                "to take over at once",
+                self.name,
+            )
+            for state in list(self.states.values()):
+                if state.process is not None:  # a job in a child process would outlive us
+                    stop_job_process(state.process)
+        self.stopping.set()  # the feed, housekeeping and lease threads end too
         self.timer.stop(wait=False)
-        self.executor.shutdown(wait=True)
-        self.writer.stop()
+        # A graceful stop has let every run end already; an exit on an error does not
+        # wait for jobs (their tasks are taken over).
+        self.executor.shutdown(wait=clean, cancel_futures=True)
+        self.writer.stop(timeout=WRITER_DRAIN)
         self.jobs.close()
         self.finished.set()
         self.membership.peers_wanted.set()  # wake the housekeeping thread from its wait
         if self.keeper is not None:
             self.keeper.join(timeout=self.heartbeat + 30)  # no renewal after "stopped"
+        ended = records.stopped if clean else records.abandoned
         try:
-            self.membership.put_record(
-                records.stopped(self.membership.record, tasks.now(), self.counts())
-            )
+            self.membership.put_record(ended(self.membership.record, tasks.now(), self.counts()))
         except CouchError as exc:
-            log.warning("could not mark this instance's record stopped (%s)", exc)
-        self._write_state_file(force=True, running=False)
+            log.warning("could not write how this instance ended in its record (%s)", exc)
+        with contextlib.suppress(OSError):
+            self._write_state_file(force=True, running=False)
         log.info(
             "worker %s stopped: %d done, %d failed, %d canceled",
             self.name,
@@ -462,5 +491,8 @@ class Worker:
             "updated": time.time(),
         }
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_file)
+        try:
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self.state_file)
+        except OSError as exc:  # a full disk must not stop the worker: it is only for `list`
+            log.warning("could not write the state file %s (%s)", self.state_file, exc)

@@ -48,7 +48,7 @@ class Writes:
     ) -> None:
         """Write a version of a task; `answered(row)` runs on the control thread."""
         worker = self.worker
-        worker.states[task_id].writing = True
+        worker.states[task_id].writing += 1
         worker.feed.expect_echo(task_id)
         worker.writer.write(doc, lambda row: worker.control.put(lambda: answered(row)), within)
 
@@ -59,7 +59,7 @@ class Writes:
         state = worker.states.get(task_id)
         if state is None:
             return None
-        state.writing = False
+        state.writing = max(state.writing - 1, 0)
         newer, state.newer = state.newer, None
         if row.get("error"):
             worker.feed.forget_echo(task_id)  # refused: the feed may have nothing new to bring

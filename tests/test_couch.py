@@ -171,6 +171,33 @@ def test_stopping_the_writer_sends_the_writes_that_wait_at_once(db: Database) ->
     assert db.get("a") is not None and db.get("b") is not None
 
 
+def test_a_callback_that_raises_does_not_end_the_writer(db: Database) -> None:
+    writer = BulkWriter(db)
+    writer.start()
+
+    def broken(row: dict[str, Any]) -> None:
+        raise RuntimeError("a caller's bug")
+
+    writer.write(new_task(_id="a"), broken)
+    results = Results(1)
+    writer.write(new_task(_id="b"), results.note("b"), within=0.2)
+    assert results.all_back.wait(10), "the writer thread died with the first callback"
+    assert writer.stop(timeout=10)
+
+
+def test_a_stop_while_the_server_is_down_gives_up_in_time() -> None:
+    """A worker that shuts down during an outage must not hang on its last writes."""
+    down = Server(f"http://127.0.0.1:{free_port()}/").database("nothing-here")
+    writer = BulkWriter(down)
+    writer.start()
+    writer.write(new_task(_id="a"), lambda row: None)
+    time.sleep(0.3)  # its first request failed: it is waiting to retry
+    stopping = time.monotonic()
+    assert writer.stop(timeout=1.0) is False
+    assert time.monotonic() - stopping < 4
+    assert not writer.thread.is_alive()
+
+
 class AnswerLosingDatabase:
     """The real database, whose first `_bulk_docs` request goes unanswered: the server
     stored it (`stored=True`) or not, and another client may write meanwhile."""

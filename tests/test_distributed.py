@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -281,6 +282,89 @@ def test_a_graceful_stop_between_a_commit_and_its_start_uses_up_no_attempt(
     assert "attempt" not in handed_back and "owner" not in handed_back
     start_fast()
     assert wait_status(db, task_id, "done")["attempt"] == 1
+
+
+def test_an_exit_on_an_error_leaves_what_it_held_to_be_taken_over_at_once(
+    db: Database, start_fast
+) -> None:
+    """Only a graceful stop that handed everything back marks the record stopped: peers
+    take over only from a record still `running` whose lease ran out, so an exit on an
+    error that said `stopped` left its tasks `scheduled` for ever (issue #31)."""
+    first = start_fast()
+    task_id = create(db, date=in_seconds(5))
+    assert wait_status(db, task_id, "scheduled")["owner"] == first.instance
+    second = start_fast()
+
+    def fail() -> None:
+        raise SystemExit("an error nobody caught")  # not an Exception: it ends the loop
+
+    first.control.put(fail)
+    assert first.finished.wait(15)
+    wait_for(lambda: records.needs_takeover(db.get(records.record_id(first.instance)), tasks.now()))
+    doc = wait_status(db, task_id, "done", timeout=20)
+    assert doc["owner"] == second.instance and doc["attempt"] == 1
+
+
+def test_a_run_whose_thread_fails_before_the_job_ends_the_task_with_the_error(
+    db: Database, start_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What fails in the run's thread before the job (here its idempotency key) is the
+    run's error: the task does not stay `running` with its slot taken, and a graceful
+    stop does not wait for it for ever (issue #31)."""
+    from after import runs
+
+    def no_key(doc: dict[str, Any]) -> str:
+        raise RuntimeError("no idempotency key today")
+
+    monkeypatch.setattr(runs, "idempotency_key", no_key)
+    worker = start_fast()
+    task_id = create(db)
+    doc = wait_status(db, task_id, "err")
+    assert "no idempotency key today" in doc["error"]["message"]
+    worker.stop()
+    assert worker.finished.wait(15)
+
+
+def test_a_task_counts_as_written_until_every_write_of_it_is_answered(config: Config) -> None:
+    """Two writes of one task can be out at once (a conflict resolved on our own running
+    task): the first answer must not make the task look settled while the second is out
+    (issue #31: `writing` was a boolean)."""
+    worker = Worker(config, "manobi")
+    sent: list[Any] = []
+    worker.writer.write = lambda doc, on_result, within=0.0: sent.append(doc)  # type: ignore[method-assign]
+    doc = new_task(_id="t", _rev="2-x", status="running", owner=worker.instance)
+    worker.states["t"] = TaskState(doc, local=Local.RUNNING)
+    worker.writes.send("t", {**doc, "status": "done"}, lambda row: None)
+    worker.writes.send("t", {**doc, "_deleted": True}, lambda row: None)
+    worker.writes.answer("t", {"id": "t", "rev": "3-y", "ok": True})
+    assert worker.states["t"].writing
+    worker.writes.answer("t", {"id": "t", "rev": "3-z", "ok": True})
+    assert not worker.states["t"].writing
+
+
+SIGNAL_WHILE_QUEUE_LOCKED = """
+import os, signal, sys
+from after.config import Config
+from after.worker import Worker
+worker = Worker(Config.from_env({}).override(couchdb_url=sys.argv[1], db="x"), "manobi")
+worker.install_signal_handlers()
+with worker.control.mutex:  # as the control thread does inside get() or put()
+    os.kill(os.getpid(), signal.SIGTERM)
+print("stop asked" if worker.stop_signaled else "no stop", flush=True)
+"""
+
+
+def test_a_signal_while_the_control_queue_is_locked_does_not_deadlock(couch_url: str) -> None:
+    """The handler only sets a flag: it runs between two bytecodes of the main thread,
+    which may hold the control queue's lock (not reentrant) at that moment."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_QUEUE_LOCKED, couch_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert done.stdout.strip() == "stop asked", done.stderr
 
 
 def test_a_clock_far_from_the_servers_is_reported(

@@ -106,6 +106,16 @@ def run_foreground(config: Config, name: str, options: dict[str, Any], paths: Pa
     paths.pid(name).write_text(str(os.getpid()))
     try:
         worker.run()
+    except BaseException:
+        if not worker.finished.is_set():
+            raise  # it failed before it started anything: the CLI says why, in one line
+        logging.getLogger("after.worker").exception("worker %s ended on an error", name)
+        # Its record says its tasks are to be taken over now (records.abandoned): a job
+        # still running here must not go on beside their takeover, so end at once.
+        if read_pid(paths.pid(name)) == os.getpid():
+            paths.pid(name).unlink(missing_ok=True)
+        logging.shutdown()
+        os._exit(1)
     finally:
         if read_pid(paths.pid(name)) == os.getpid():
             paths.pid(name).unlink(missing_ok=True)
