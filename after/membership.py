@@ -68,6 +68,11 @@ class Membership:
         self.peer_active: dict[str, float] = {}
         # Peers taken over, whose tasks are looked for again until then (monotonic).
         self.taken_over: dict[str, float] = {}
+        # When the last renewal that landed was sent (monotonic), and how often our lease
+        # lapsed (paused, cut off): see lease_holds.
+        self.renewed_at: float | None = None
+        self.lapses = 0
+        self.lapse_margin = min(worker.heartbeat, worker.lease.total_seconds() / 10)
 
     # -- our record and lease (the lease thread) ------------------------------------------
     def put_record(self, record: Doc) -> None:
@@ -88,7 +93,23 @@ class Membership:
 
     def renew_record(self) -> None:
         worker = self.worker
+        sent = time.monotonic()
+        if self.renewed_at is not None and not self.lease_holds(at=sent):
+            log.warning("this instance's lease lapsed: runs committed before are read back first")
+            self.lapses += 1
         self.put_record(records.renewed(self.record, tasks.now(), worker.lease, worker.counts()))
+        self.renewed_at = sent
+
+    def lease_holds(self, at: float | None = None) -> bool:
+        """Whether our peers still count this instance alive: its last renewal that landed
+        was sent less than a lease ago (a peer judges us dead only once our record has
+        stayed unchanged for a whole lease). A run is started only while it holds: after
+        a pause (SIGSTOP, a long GC, a frozen VM) or a cut-off, a peer may have taken the
+        task over meanwhile (after.runner)."""
+        if self.renewed_at is None:
+            return False
+        now = time.monotonic() if at is None else at
+        return now < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
 
     def renew(self) -> None:
         """Its own thread and HTTP session: a lease is renewed on time whatever the
@@ -246,7 +267,7 @@ class Membership:
         """Post the tasks held by these (dead) instances to the control thread, which
         takes them over."""
         worker = self.worker
-        for status in ("scheduled", "running"):
+        for status in ("scheduled", "running", "cancel"):  # a cancel is its owner's to confirm
             for doc in worker.feed.tasks_in(status, {}):
                 if doc.get("owner") in owners:
                     worker.control.put(lambda doc=doc: worker.seen(doc, fresh=True))

@@ -67,7 +67,8 @@ def stopped(record: Doc, now: datetime, counts: dict[str, Any]) -> Doc:
 
 def abandoned(record: Doc, now: datetime, counts: dict[str, Any]) -> Doc:
     """An exit on an error, which may have left tasks held: still `running`, with a
-    lease that ends now, so a peer takes its tasks over at once (needs_takeover)."""
+    lease that ends now, so a peer takes its tasks over (needs_takeover) once the record
+    has stayed unchanged for a lease, as for any instance that went silent."""
     return {**record, **counts, "last_seen": iso(now), "lease_until": iso(now), "state": "running"}
 
 

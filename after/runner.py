@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from after import runs, tasks
 from after.capacity import ON_TIME
-from after.couch import refused_as_is
+from after.couch import CouchError, refused_as_is
 from after.jobs import JobContext, run_job, run_job_in_process, stop_job_process
 from after.scheduler import wait_until
 from after.tasks import Doc, Local, TaskState, is_newer
@@ -40,6 +40,8 @@ START_EARLY = 0.002
 SHARE_WINDOW = 0.05
 # Seconds between looks when a run's instant came while a write of the task was in flight.
 WRITE_WAIT = 0.01
+# Seconds between looks, after our lease lapsed, for the lease to hold again.
+LAPSE_WAIT = 0.1
 # For a task whose fields could not be parsed: it fails once, with the reason.
 NO_POLICY = runs.Policy(
     repeat=None, misfire=runs.parse_misfire(None), overlap="skip", retry=None, timeout=None
@@ -129,6 +131,7 @@ class Runner:
     def committed(self, task_id: str, state: TaskState) -> None:
         """Our commit landed: on a cluster, confirm it (after.quorum); then start."""
         state.local = Local.COMMITTED
+        state.lapses = self.worker.membership.lapses
         if self.worker.quorum.confirms_commits:
             return self.worker.quorum.confirm(task_id, state)
         self.schedule_start(task_id, state)
@@ -150,12 +153,7 @@ class Runner:
         worker = self.worker
         with worker.start_lock:
             state = worker.states.get(task_id)
-            ready = (
-                state is not None
-                and state.local is Local.COMMITTED
-                and not state.writing
-                and not worker.stopping.is_set()
-            )
+            ready = state is not None and self.may_start(state)
             if ready:
                 state.local, state.spawned = Local.RUNNING, []
                 worker.run_started(task_id, state)
@@ -183,6 +181,23 @@ class Runner:
         outcome = tasks.outcome_fields(now, now, error=error)
         self.worker.control.put(lambda: self.finished(task_id, outcome))
 
+    def may_start(self, state: TaskState) -> bool:
+        """Whether a run may start now, without a word from the control thread: the
+        version held is still our commit (a newer one may have come in a moment ago:
+        a peer's takeover, a retry's `waiting`), no write of it is out, and our lease
+        has held since the commit (after a pause or a cut-off a peer may have taken
+        it over, and what the feed says may be behind)."""
+        worker, doc = self.worker, state.doc
+        return (
+            state.local is Local.COMMITTED
+            and not state.writing
+            and not worker.stopping.is_set()
+            and doc.get("status") == "running"
+            and doc.get("owner") == worker.instance
+            and state.lapses == worker.membership.lapses
+            and worker.membership.lease_holds()
+        )
+
     def start(self, task_id: str) -> None:
         """At the due time, on the control thread: what `start_now` left to it."""
         worker = self.worker
@@ -199,12 +214,46 @@ class Runner:
             state.local = Local.NONE
             worker.pool.release(task_id)
             return worker.writes.write(task_id, tasks.hand_back_update(state.doc))
+        doc = state.doc
+        if doc.get("status") != "running" or doc.get("owner") != worker.instance:
+            # A newer version came between the timer and us: decide on it instead.
+            worker.unhold(task_id, state)
+            return worker.decide(task_id, state)
+        if state.lapses != worker.membership.lapses or not worker.membership.lease_holds():
+            return self.start_after_lapse(task_id, state)
         state.local, state.spawned = Local.RUNNING, []
         worker.run_started(task_id, state)
         worker.pool.started(task_id, time.monotonic())
         self.submit(task_id, state)
         if state.policy is not None:
             self.plan_overlap(task_id, state, runs.occurrence_of(state.doc))
+
+    def start_after_lapse(self, task_id: str, state: TaskState) -> None:
+        """Our lease lapsed since the commit (we were paused, or cut off): a peer may
+        have judged us dead and taken the task over, and the feed may not have told us
+        yet. Once the lease holds again, the task is read back, and its run starts only
+        if it is still our commit."""
+        worker = self.worker
+        if not worker.membership.lease_holds():
+            at = tasks.now() + timedelta(seconds=LAPSE_WAIT)
+            worker.timer.schedule(at, lambda: worker.control.put(lambda: self.start(task_id)))
+            return
+        try:
+            latest = worker.db.get(task_id, conflicts=True)
+        except CouchError as exc:
+            log.warning("task %s: could not read it back after a lapse (%s)", task_id, exc)
+            at = tasks.now() + timedelta(seconds=LAPSE_WAIT)
+            worker.timer.schedule(at, lambda: worker.control.put(lambda: self.start(task_id)))
+            return
+        if latest is not None and latest["_rev"] == state.doc["_rev"]:
+            state.lapses = worker.membership.lapses  # still ours: it starts now
+            return self.start(task_id)
+        log.warning("task %s: changed while our lease had lapsed; not started", task_id)
+        worker.unhold(task_id, state)
+        if latest is None:
+            return worker.forget(task_id)
+        state.doc = latest
+        worker.act_on(task_id, state)
 
     def plan_overlap(self, task_id: str, state: TaskState, after: datetime) -> None:
         """overlap "allow": when the next occurrence comes while the job still runs,

@@ -69,6 +69,7 @@ class TaskState:
     # A run's outcome until it is stored: a write of it refused while a conflict was
     # resolved is written again on the version that continues our run.
     pending_outcome: dict[str, Any] | None = None
+    lapses: int = 0  # our lease's lapses counted when the commit landed (after.runner)
 
 
 class Step(Enum):
@@ -126,7 +127,11 @@ def next_step(
             return Step.FORGET
         return Step.FORGET if owner and owner_alive(owner) else Step.LOST
     if status == "cancel":
-        return Step.CANCEL_AFTER_RUN if local is Local.RUNNING else Step.CANCEL
+        if local is Local.RUNNING:
+            return Step.CANCEL_AFTER_RUN
+        if local is Local.NONE and owner not in (None, me) and owner_alive(owner):
+            return Step.FORGET  # its live owner confirms it: only it knows if the run began
+        return Step.CANCEL
     return Step.FORGET  # done, err, canceled
 
 

@@ -123,7 +123,7 @@ class Worker:
         self.stop_signaled = False
         # True once a graceful stop has handed back all it held and every run ended: only
         # then is the record marked stopped. Any other exit leaves the tasks it held to
-        # be taken over at once (records.abandoned).
+        # be taken over (records.abandoned).
         self.stopped_cleanly = False
         self.finished = threading.Event()  # set once the worker has shut down
         # Orders the timer thread's start of a run with the control thread's moves out
@@ -290,12 +290,17 @@ class Worker:
 
     def _begin_stop(self) -> None:
         log.info("stopping: handing back held tasks, letting running jobs finish")
+        self.hand_back_held()
+        self.maybe_finish_stop()
+
+    def hand_back_held(self) -> None:
+        """Hand back every task held and not started (a stop, a lapsed lease), each
+        on the revision we hold: a peer that took it over meanwhile wins."""
         for task_id, state in list(self.states.items()):
             if state.local in (Local.HELD, Local.COMMITTED) and not state.writing:
                 self.unhold(task_id, state)
                 if state.local is Local.NONE:  # not started meanwhile
                     self.writes.write(task_id, tasks.hand_back_update(state.doc))
-        self.maybe_finish_stop()
 
     def maybe_finish_stop(self) -> None:
         if not self.stopping.is_set():
@@ -311,8 +316,7 @@ class Worker:
         )
         if not clean:
             log.error(
-                "worker %s is exiting on an error: what it held is left for its peers "
-                "to take over at once",
+                "worker %s is exiting on an error: what it held is left for its peers to take over",
                 self.name,
             )
             for state in list(self.states.values()):

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,35 @@ def test_a_signal_while_the_control_queue_is_locked_does_not_deadlock(couch_url:
     assert done.stdout.strip() == "stop asked", done.stderr
 
 
+def test_an_instance_whose_lease_lapsed_does_not_start_a_run_taken_over_meanwhile(
+    db: Database, start_fast, tmp_path: Path
+) -> None:
+    """The instance committed a run, then was paused (SIGSTOP, a long GC, a frozen VM:
+    here its lease and control threads are held) past its lease. A peer took the task
+    over as "worker lost". Resumed, its timer comes to the date before its feed brings
+    the takeover: it must not start the job (issue #31: it did, a run recorded
+    nowhere)."""
+    jobs, runs = recording_jobs(tmp_path)
+    first = start_fast(lead=4.0, jobs=jobs)
+    task_id = create(db, date=in_seconds(6), job={"name": "record", "arguments": ["ran"]})
+    assert wait_status(db, task_id, "running")["owner"] == first.instance
+    resume = threading.Event()
+    first.membership.renew_record = lambda: resume.wait(30)  # type: ignore[method-assign]
+    first.control.put(lambda: resume.wait(30))
+    try:
+        start_fast(jobs=jobs)  # a peer, which takes the task over
+        lost = wait_status(db, task_id, "err", timeout=15)
+        assert lost["error"]["type"] == "WorkerLost" and lost["takeovers"][-1]["from"] == (
+            first.instance
+        )
+        time.sleep(max(0.0, (parse_date(lost["date"]) - tasks.now()).total_seconds()) + 1.0)
+        assert not runs.exists(), "the lapsed instance ran a task taken over from it"
+    finally:
+        resume.set()
+    time.sleep(1.0)  # resumed: it learns of the takeover and leaves the task alone
+    assert not runs.exists() and db.get(task_id)["status"] == "err"
+
+
 def test_a_clock_far_from_the_servers_is_reported(
     config: Config, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -387,7 +417,13 @@ def test_a_start_that_meets_a_write_in_flight_waits_for_it(config: Config) -> No
     state = TaskState(doc, local=Local.COMMITTED, writing=True)
     worker.states["t"] = state
     handed_over = threading.Event()
-    worker.executor.submit = lambda *args: handed_over.set()  # type: ignore[method-assign]
+
+    def submit(*args: Any) -> Future[None]:
+        handed_over.set()
+        return Future()  # the run, never ended here
+
+    worker.executor.submit = submit  # type: ignore[method-assign]
+    worker.membership.renewed_at = time.monotonic()  # its lease holds
     worker.timer.start()
 
     def control() -> None:  # what Worker.run does with what the other threads post

@@ -66,6 +66,15 @@ def test_a_running_of_ours_never_started_here_is_handed_back_not_lost() -> None:
     assert next_step(doc("running", ME), ME, Local.NONE, started_here=True) is Step.LOST
 
 
+def test_a_cancel_of_a_live_peers_task_is_left_to_that_peer() -> None:
+    """Only its owner knows whether its run began and what it ended with: another
+    instance that confirmed the cancel (`canceled`) lost the run's record and its
+    outcome (issue #31, found by the soak). A dead owner's cancel is anyone's."""
+    alive = lambda owner: owner == OTHER  # noqa: E731
+    assert next_step(doc("cancel", OTHER), ME, Local.NONE, owner_alive=alive) is Step.FORGET
+    assert next_step(doc("cancel", OTHER), ME, Local.NONE) is Step.CANCEL  # OTHER is dead
+
+
 def test_every_status_has_a_decision() -> None:
     for status in tasks.STATUSES:
         for local in Local:
