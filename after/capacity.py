@@ -71,6 +71,12 @@ class Pool:
             self._release(task_id)
             self.running[task_id] = at
 
+    def not_begun(self, task_id: str) -> None:
+        """A run handed to the executor did not begin after all: committed again."""
+        with self.lock:
+            self.running.pop(task_id, None)
+            self.committing.add(task_id)
+
     def ended(self, task_id: str, at: float, began: float | None = None) -> None:
         """The run ended at `at`; `began` is when the job itself began, if known. A run
         handed to a busy executor waits for a thread: that wait is not its run time

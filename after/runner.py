@@ -301,6 +301,12 @@ class Runner:
         job = doc["job"]
         if state.run_at is not None:
             wait_until(state.run_at.timestamp())  # the timer handed it over a moment early
+        membership = worker.membership
+        if state.lapses != membership.lapses or not membership.lease_holds():
+            # Our lease lapsed while the run waited for a pool thread (a pause, a cut-off):
+            # a peer may have taken it over. It has not begun: read it back first.
+            worker.control.put(lambda: self.not_begun(task_id, state))
+            return
         began, started = time.monotonic(), tasks.now()
         try:  # everything from here ends in an outcome: a task never stays `running`
             context = JobContext(
@@ -336,6 +342,17 @@ class Runner:
                 log.warning("task %s: job %s raised %s", task_id, job["name"], type(exc).__name__)
         worker.pool.ended(task_id, time.monotonic(), began=began)
         worker.control.put(lambda: self.finished(task_id, outcome))
+
+    def not_begun(self, task_id: str, state: TaskState) -> None:
+        """On the control thread: a run handed to a pool thread that did not begin (our
+        lease lapsed meanwhile) is committed again, and started only as after a lapse."""
+        worker = self.worker
+        worker.pool.not_begun(task_id)
+        if worker.states.get(task_id) is not state or state.local is not Local.RUNNING:
+            return worker.pool.release(task_id)  # let go of meanwhile
+        state.local, state.run_doc = Local.COMMITTED, None
+        worker.started_runs.pop(task_id, None)
+        self.start(task_id)
 
     # -- ended ---------------------------------------------------------------------------
     def finished(self, task_id: str, outcome: dict[str, Any]) -> None:

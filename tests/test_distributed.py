@@ -397,6 +397,27 @@ def test_an_instance_whose_lease_lapsed_does_not_start_a_run_taken_over_meanwhil
     assert not runs.exists() and db.get(task_id)["status"] == "err"
 
 
+def test_a_run_that_waited_for_a_pool_thread_past_a_lapse_does_not_begin(
+    config: Config, tmp_path: Path
+) -> None:
+    """The run was handed to the pool, whose threads were busy; the instance was paused
+    before one took it, past its lease (the soak, seed 2: such runs began 5 s after a
+    peer had judged them lost). It does not begin: it is committed again, for the
+    read-back that follows a lapse."""
+    jobs, runs = recording_jobs(tmp_path)
+    worker = Worker(config.override(jobs=jobs), "manobi")
+    doc = new_task(
+        _id="t", _rev="3-x", status="running", owner=worker.instance, attempt=1,
+        job={"name": "record", "arguments": ["ran"]},
+    )  # fmt: skip
+    state = worker.states["t"] = TaskState(doc, local=Local.RUNNING)
+    worker.membership.renewed_at = time.monotonic() - 60  # the pause: no renewal since
+    worker.runner.execute("t", state)
+    assert not runs.exists(), "the job began though our lease had lapsed"
+    worker.control.get_nowait()()  # the control thread takes it back
+    assert state.local is Local.COMMITTED and "t" not in worker.started_runs
+
+
 def test_a_clock_far_from_the_servers_is_reported(
     config: Config, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
