@@ -72,6 +72,7 @@ class Membership:
         # lapsed (paused, cut off): see lease_holds.
         self.renewed_at: float | None = None
         self.lapses = 0
+        self.presumed_lost_in = 0  # the lapse in which a peer marked our record lost
         self.lapse_margin = min(worker.heartbeat, worker.lease.total_seconds() / 10)
 
     # -- our record and lease (the lease thread) ------------------------------------------
@@ -86,6 +87,8 @@ class Membership:
             if current is not None:
                 if current.get("reaped_by"):
                     log.warning("this instance was presumed lost by %s", current["reaped_by"])
+                    self.lapses += 1
+                    self.presumed_lost_in = self.lapses
                 record["_rev"] = current["_rev"]
             confirmed = records_db.put_confirmed(record)
         self.record = record
@@ -245,23 +248,36 @@ class Membership:
             return True
         return False
 
-    def take_over(self, record: Doc) -> None:
-        """An instance of our name stopped renewing its lease: take over what it held."""
+    def take_over(self, record: Doc) -> bool:
+        """An instance of our name stopped renewing its lease: mark its record lost, then
+        take over what it held. Whether it is dead: False when it renewed meanwhile.
+
+        The record first, by compare-and-set: an instance that was only paused and
+        renews before that write takes nothing back from us, and one that renews after
+        it learns it was presumed lost (its renewal meets our revision) and starts none
+        of its committed runs (after.runner). Taking tasks first left a window where a
+        paused instance, waking, renewed and started a run a peer was failing."""
         worker = self.worker
         owner = record["instance"]
+        for _ in range(3):
+            try:
+                worker.db.put(records.reaped(record, worker.instance, tasks.now()))
+                break
+            except (Conflict, Forbidden):  # PouchDB Server answers a stale write with 403
+                latest = worker.db.get(record["_id"])
+                if latest is None or latest.get("state") == "lost":
+                    return True  # reaped by another instance, which takes its tasks over
+                if not records.needs_takeover(latest, tasks.now()):
+                    log.info("instance %s renewed its lease after all", owner)
+                    return False
+                record = latest
+        else:
+            return True
         log.warning("instance %s stopped renewing its lease; taking over its tasks", owner)
         worker.control.put(lambda: self.leases.__setitem__(owner, False))
         self.taken_over[owner] = time.monotonic() + RESCAN_LEASES * worker.lease.total_seconds()
         self.look_for_tasks_of({owner})
-        for _ in range(3):
-            try:
-                worker.db.put(records.reaped(record, worker.instance, tasks.now()))
-                return
-            except (Conflict, Forbidden):  # PouchDB Server answers a stale write with 403
-                latest = worker.db.get(record["_id"])
-                if latest is None or not records.needs_takeover(latest, tasks.now()):
-                    return  # reaped by another instance, or it came back: both are fine
-                record = latest
+        return True
 
     def look_for_tasks_of(self, owners: set[str]) -> None:
         """Post the tasks held by these (dead) instances to the control thread, which

@@ -233,8 +233,15 @@ class Runner:
         have judged us dead and taken the task over, and the feed may not have told us
         yet. Once the lease holds again, the task is read back, and its run starts only
         if it is still our commit."""
-        worker = self.worker
-        if not worker.membership.lease_holds():
+        worker, membership = self.worker, self.worker.membership
+        if membership.presumed_lost_in > state.lapses:
+            # A peer marked us lost since the commit: it takes our tasks over, and its
+            # writes may still be on their way. Hand it back (compare-and-set: a takeover
+            # that landed wins); its run never began, so no attempt is used up.
+            log.warning("task %s: presumed lost while committed; handed back", task_id)
+            worker.unhold(task_id, state)
+            return worker.writes.write(task_id, tasks.hand_back_update(state.doc))
+        if not membership.lease_holds():
             at = tasks.now() + timedelta(seconds=LAPSE_WAIT)
             worker.timer.schedule(at, lambda: worker.control.put(lambda: self.start(task_id)))
             return

@@ -269,9 +269,9 @@ class Worker:
                     membership.peers_wanted.clear()
                     next_peers = now + self.heartbeat
                     alive, expired = membership.read_leases()
+                    for record in expired:  # marked lost first: see Membership.take_over
+                        alive[record["instance"]] = not membership.take_over(record)
                     self.control.put(lambda alive=alive: membership.leases_read(alive))
-                    for record in expired:
-                        membership.take_over(record)
                 if now >= next_sweep:
                     self.claiming.sweep_horizon()
                     next_sweep = now + self.sweep_every
