@@ -132,6 +132,7 @@ class Claiming:
             or due - worker.runner.commit_lead() > now
             or task_id in worker.pool.committing
             or worker.stopping.is_set()
+            or worker.membership.quiet_for() > 0
         ):
             return False, None
         try:

@@ -73,6 +73,10 @@ class Membership:
         self.renewed_at: float | None = None
         self.lapses = 0
         self.presumed_lost_in = 0  # the lapse in which a peer marked our record lost
+        # After a lapse, until when (monotonic) no run is committed or started: peers
+        # that took us for dead meanwhile may still act on it until they read our
+        # renewed record, and a run of ours they fail as "worker lost" must not begin.
+        self.quiet_until = 0.0
         self.lapse_margin = min(worker.heartbeat, worker.lease.total_seconds() / 10)
 
     # -- our record and lease (the lease thread) ------------------------------------------
@@ -89,6 +93,7 @@ class Membership:
                     log.warning("this instance was presumed lost by %s", current["reaped_by"])
                     self.lapses += 1
                     self.presumed_lost_in = self.lapses
+                    self.quiet_until = time.monotonic() + self.worker.lease.total_seconds()
                 record["_rev"] = current["_rev"]
             confirmed = records_db.put_confirmed(record)
         self.record = record
@@ -100,6 +105,7 @@ class Membership:
         if self.renewed_at is not None and not self.lease_holds(at=sent):
             log.warning("this instance's lease lapsed: runs committed before are read back first")
             self.lapses += 1
+            self.quiet_until = sent + worker.lease.total_seconds()
         self.put_record(records.renewed(self.record, tasks.now(), worker.lease, worker.counts()))
         self.renewed_at = sent
 
@@ -112,7 +118,14 @@ class Membership:
         if self.renewed_at is None:
             return False
         now = time.monotonic() if at is None else at
-        return now < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
+        return (
+            now >= self.quiet_until
+            and now < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
+        )
+
+    def quiet_for(self) -> float:
+        """Seconds left of the quiet after a lapse (0 when none)."""
+        return max(self.quiet_until - time.monotonic(), 0.0)
 
     def renew(self) -> None:
         """Its own thread and HTTP session: a lease is renewed on time whatever the

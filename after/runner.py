@@ -110,6 +110,11 @@ class Runner:
             or task_id in worker.pool.committing
         ):
             return
+        if worker.membership.quiet_for() > 0:  # after a lapse: see Membership.quiet_until
+            at = tasks.now() + timedelta(seconds=worker.membership.quiet_for())
+            commit_then = lambda: worker.control.put(lambda: self.commit(task_id))  # noqa: E731
+            worker.timer.schedule(at, commit_then, key=task_id)
+            return
         run_at = state.run_at or tasks.parse_date(state.doc["date"])
         until_run = max((run_at - tasks.now()).total_seconds(), 0.0)
         if not worker.pool.can_commit(until_run + ON_TIME, time.monotonic()):
@@ -242,7 +247,7 @@ class Runner:
             worker.unhold(task_id, state)
             return worker.writes.write(task_id, tasks.hand_back_update(state.doc))
         if not membership.lease_holds():
-            at = tasks.now() + timedelta(seconds=LAPSE_WAIT)
+            at = tasks.now() + timedelta(seconds=max(LAPSE_WAIT, membership.quiet_for()))
             worker.timer.schedule(at, lambda: worker.control.put(lambda: self.start(task_id)))
             return
         try:

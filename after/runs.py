@@ -72,6 +72,21 @@ def idempotency_key(doc: Doc) -> str:
     return f"{doc['_id']}:{doc.get('attempt', 1)}"
 
 
+def commit_unended(doc: Doc) -> bool:
+    """Whether the task holds a commit of a run that has no end recorded: its attempt
+    (counted by the commit) is not in its history for this occurrence. A cancel of a
+    dead instance's run is then written as that run's end (it may have begun)."""
+    attempt = doc.get("attempt")
+    if not isinstance(attempt, int) or attempt < 1:
+        return False
+    occurrence = iso(occurrence_of(doc))
+    return not any(
+        entry.get("attempt") == attempt and entry.get("occurrence") == occurrence
+        for entry in doc.get("history", [])
+        if isinstance(entry, dict)
+    )
+
+
 def overdue_plan(doc: Doc, policy: Policy, now: datetime) -> Plan | None:
     """For a repeating task found late (after downtime): what its misfire policy
     makes of it, or None when it simply runs now as it is."""

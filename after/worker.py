@@ -48,7 +48,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from after import records, tasks
+from after import records, runs, tasks
 from after.capacity import Pool
 from after.claiming import Claiming
 from after.config import Config, with_credentials
@@ -437,6 +437,10 @@ class Worker:
             self.unhold(task_id, state)
             if state.local is Local.RUNNING:  # the timer started it a moment ago
                 return self.decide(task_id, state)  # -> cancel after the run
+            if doc.get("owner") not in (None, self.instance) and runs.commit_unended(doc):
+                # A dead instance's run, canceled: it may have begun, so it is recorded
+                # as that run's end ("worker lost"), not dropped.
+                return self.runner.lost(task_id, state)
             self.writes.write(task_id, tasks.canceled_update(doc, tasks.now()))
         elif step is Step.CANCEL_AFTER_RUN:
             self.runner.cancel_running(task_id, state)

@@ -625,3 +625,20 @@ def test_a_resolution_stands_beside_any_of_the_leaves_it_deleted(
     assert {k: v for k, v in again.items() if k not in ignored} == {
         k: v for k, v in written.items() if k not in ignored
     }, kinds
+
+
+def test_a_dead_instances_run_canceled_is_recorded_as_that_runs_end() -> None:
+    """A cancel of a commit whose instance died (the soak, seed 7: the run had begun, the
+    task ended `canceled` with no record of it): the run may have begun, so the cancel
+    is confirmed as that run's end, "worker lost", in the history."""
+    at = datetime(2026, 12, 1, 9, 31, tzinfo=UTC)
+    committed = tasks.running_update(doc("scheduled", OTHER), OTHER)
+    canceled_run = {**committed, "status": "cancel"}
+    assert runs.commit_unended(canceled_run)
+    assert not runs.commit_unended(doc("cancel", OTHER))  # claimed, never committed
+    written = lost(canceled_run, at)
+    assert written["status"] == "canceled"
+    assert (
+        written["history"][-1]["attempt"] == 1 and "worker lost" in written["history"][-1]["error"]
+    )
+    assert not runs.commit_unended(written)
