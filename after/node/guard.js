@@ -57,6 +57,34 @@
  *     `GET /_log` with a `bytes`/`offset` that is not a non-negative integer
  *     (it threw inside fs.createReadStream: process exit) is refused with 400.
  *
+ * Every request gets an answer (tests/test_embedded_surface.py sends each route
+ * malformed, oversized and wrongly typed bodies and parameters):
+ *
+ *   - routes/documents.js: multiparty emits no 'close' after an 'error', and the
+ *     multipart routes answered only on 'close': a malformed multipart POST to
+ *     `/db/<anything>` (also `_purge`, `_missing_revs`, which PouchDB Server
+ *     does not have) or multipart/related PUT was never answered; a related
+ *     part that is not JSON threw (process exit). Both are answered 400.
+ *   - pouchdb-adapter-leveldb-core destroy: it closed the LevelDB store with
+ *     reads and writes still queued on it, whose callbacks then never came: a
+ *     request racing `DELETE /db` (or, logging in, `DELETE /_users`) hung. The
+ *     store now closes after the queued operations; later ones fail with 404.
+ *   - bodies PouchDB threw on: `_bulk_docs`/`_bulk_get` `docs` that is not an
+ *     array of objects (500 HTML page), `_revs_diff` revisions that are not a
+ *     list (TypeError in a callback: process exit), `_replicate` without a
+ *     source or target (500 HTML page) are refused with 400; any other
+ *     exception a route throws is answered in JSON instead of Express's page.
+ *   - bodies that kept the event loop for seconds or exhausted the heap
+ *     (PouchDB copies what it is given, for `_all_docs` with keys once per
+ *     key): more than 10000 documents in a bulk request (413, CouchDB's
+ *     limits), JSON deeper than 1000 levels (400: out of stack) or of more
+ *     than 500000 values (413); members of `_all_docs`, view, `_find` and
+ *     `_index` bodies that CouchDB does not read are dropped.
+ *   - continuous and longpoll feeds: sent uncompressed (gzip held heartbeats
+ *     back) and a continuous feed sends its headers at once, its errors being
+ *     answered before it starts; heartbeats of 0, negative or over 2^31-1 ms
+ *     (a newline every millisecond) are refused.
+ *
  * It refuses to start (exit 78) unless pouchdb-server and express-pouchdb are
  * the pinned version and the patched files are byte for byte the ones these
  * patches were written against. Fatal errors end the process with one log
@@ -75,6 +103,16 @@ var EXIT_LISTEN = 71; // the server could not listen (port in use, ...)
 var EXIT_REFUSED = 78; // EX_CONFIG: not the pinned, unmodified PouchDB Server
 var TAG = 'after-embedded-guard:';
 var SHARED_METADATA = 10000; // documents whose metadata the changes feeds share at most
+// Apache CouchDB's defaults of max_bulk_docs_count and max_bulk_get_count: one
+// request of a million documents kept the event loop, and every other request, for minutes.
+var MAX_BULK_COUNT = 10000;
+// JSON bodies nested deeper are refused: PouchDB walks documents recursively and
+// ran out of stack (RangeError) on deeper ones.
+var MAX_JSON_DEPTH = 1000;
+// JSON bodies of more values are refused (413): PouchDB copies the options and
+// documents it is given, several times (about 1.3 us a value each), and a body of
+// a million small objects kept the event loop for seconds, or exhausted the heap.
+var MAX_JSON_VALUES = 500000;
 
 // The files patched or relied on, as published in the pinned npm packages.
 var EXPECTED_SHA256 = {
@@ -100,6 +138,22 @@ var EXPECTED_SHA256 = {
     '9fdc59fb97bce4f665aacf9ff094349658064cc0a4700ac8ab0cd0650f3b28c8',
   'express-pouchdb/lib/routes/root.js':
     '3df30184fbce4ebadc12291ff7038b58eaea998c3e7c4d0b8e7528262ffbac76',
+  'express-pouchdb/lib/routes/documents.js':
+    '3ec3d08ca22aaf4f2528809e65195d7dbe614d6681345abcd0ec68acd6621f73',
+  'express-pouchdb/lib/routes/bulk-docs.js':
+    '2896694cd017df2e4e9004d212da85edb152721a78fefc50786235cc0996b541',
+  'express-pouchdb/lib/routes/bulk-get.js':
+    'b8dd9a3ee9bd3f2d5d786e22e204e4982262802571c05acea85e8c6468581322',
+  'express-pouchdb/lib/routes/revs-diff.js':
+    '2c122166198369e40a4f0e76301ecdcd8107b3a978af3d6dbe77c853c41970c4',
+  'express-pouchdb/lib/routes/replicate.js':
+    'd7407235208132dbae074fd3ccb3076f541a3e746d1b591e7ac16cf614f5188d',
+  'express-pouchdb/lib/routes/all-docs.js':
+    '8a84ce58c8ce3f3aca2f3c20a6a1c3e96e92e33a475460b4ec9e9f90dc0c4772',
+  'express-pouchdb/lib/routes/views.js':
+    'b29bca5a9188c3e83c0262a941f7f68c36f34b0fe005267fcbc4b34ac7756813',
+  'express-pouchdb/lib/routes/temp-views.js':
+    '31a62783b60e6e5e8af62880babd21a95136bf12417b07ecbdf2d214e4de95e7',
   'pouchdb-changeslike-wrapper/lib/index.js':
     'a3788f67004fb6e4fdfc8735a31bbc885c95a0e3709caaaaa1b16e917bfe5333',
   'pouchdb-security/lib/index.js':
@@ -290,7 +344,9 @@ function checkAllPatchesApplied() {
     'pouchdb-validation', 'pouchdb-utils', 'pouchdb-adapter-leveldb-core', 'pouchdb-adapter-utils',
     'routes/changes batching',
     'routes/authorization', 'routes/root', 'routes/db', 'routes/changes', 'routes/find',
-    'routes/bulk-get'
+    'routes/bulk-get', 'routes/bulk-docs', 'routes/revs-diff', 'routes/replicate',
+    'routes/documents multipart', 'routes/404', 'routes/all-docs', 'routes/views',
+    'routes/temp-views'
   ].filter(function (name) {
     return !applied[name];
   });
@@ -447,7 +503,50 @@ var utils = require(fileOf('express-pouchdb/lib/utils.js'));
     return false;
   }
 
+  // A body nested deeper than MAX_JSON_DEPTH or made of more than MAX_JSON_VALUES
+  // values is refused before it is parsed: one pass over the bytes, only for bodies
+  // long enough to be either.
+  function bodyProblem(buf) {
+    if (buf.length <= 2 * MAX_JSON_DEPTH) {
+      return null;
+    }
+    var depth = 0;
+    var values = 0;
+    var inString = false;
+    for (var i = 0; i < buf.length; i++) {
+      var c = buf[i];
+      if (inString) {
+        if (c === 0x5c) { // backslash: skip the escaped byte
+          i++;
+        } else if (c === 0x22) {
+          inString = false;
+        }
+      } else if (c === 0x22) {
+        inString = true;
+      } else if (c === 0x7b || c === 0x5b) { // { [
+        values++;
+        if (++depth > MAX_JSON_DEPTH) {
+          return {status: 400, error: 'bad_request',
+                  reason: 'JSON nested deeper than ' + MAX_JSON_DEPTH + ' levels'};
+        }
+      } else if (c === 0x7d || c === 0x5d) {
+        depth--;
+      } else if (c === 0x2c && ++values > MAX_JSON_VALUES) { // ,
+        return {status: 413, error: 'too_large',
+                reason: 'the request has more than ' + MAX_JSON_VALUES + ' JSON values'};
+      }
+    }
+    return null;
+  }
+
   function verify(req, res, buf) {
+    var problem = bodyProblem(buf);
+    if (problem) {
+      var err = new Error(problem.reason);
+      err.status = problem.status; // body-parser answers with it, without parsing
+      err.afterProblem = problem;
+      throw err;
+    }
     req.afterSurrogateEscape = buf.indexOf('\\u') >= 0 && SURROGATE_ESCAPE.test(buf.toString('latin1'));
   }
 
@@ -456,6 +555,10 @@ var utils = require(fileOf('express-pouchdb/lib/utils.js'));
       req.app.couchConfig.get('couchdb', 'max_document_size') : utils.maxDocumentSizeDefault;
     bodyParser.json({limit: limit, verify: verify})(req, res, function (err) {
       if (err) {
+        if (err.afterProblem) {
+          var problem = err.afterProblem;
+          return utils.sendJSON(res, problem.status, {error: problem.error, reason: problem.reason});
+        }
         if (err.status === 400) {
           return utils.sendJSON(res, 400, {error: 'bad_request', reason: 'invalid_json'});
         }
@@ -685,7 +788,47 @@ replaceInSource('pouchdb-adapter-leveldb-core/lib/index.js', [[[
     '      }',
     '    });'
   ].join('\n')
-]]);
+], [[
+  '  function executeNext() {',
+  '    var firstTask = db._queue.peekFront();',
+  ''
+].join('\n'), [
+  '  function executeNext() {',
+  '    var firstTask = db._queue.peekFront();',
+  '    if (db.__afterClosed) { // After\'s guard: see api._destroy',
+  '      var gone = pouchdbErrors.createError(pouchdbErrors.MISSING_DOC, \'Database does not exist.\');',
+  '      while (db._queue.length) {',
+  '        var failed = db._queue.shift().args;',
+  '        failed[failed.length - 1](gone);',
+  '      }',
+  '      return;',
+  '    }',
+  ''
+].join('\n')], [[
+  '      dbStore.get(name).close(function () {',
+  '        dbStore.delete(name);',
+  '        callDestroy(name, callback);',
+  '      });'
+].join('\n'), [
+  '      var store = dbStore.get(name);',
+  '      var closeStore = function () {',
+  '        store.__afterClosed = true;',
+  '        store.close(function () {',
+  '          dbStore.delete(name);',
+  '          callDestroy(name, callback);',
+  '        });',
+  '      };',
+  '      if (store === db && db._queue) {',
+  '        // After\'s guard: close the store once the reads and writes queued on it are',
+  '        // done; those queued later fail (executeNext) instead of never answering',
+  '        writeLock(function (done) {',
+  '          closeStore();',
+  '          done();',
+  '        })(function () {});',
+  '      } else {',
+  '        closeStore();',
+  '      }'
+].join('\n')]]);
 applied['pouchdb-adapter-leveldb-core'] = true;
 
 // A continuous feed wrote each change on its own: one chunk and one system call
@@ -721,7 +864,7 @@ replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "          }",
   "          lines.push(JSON.stringify(change) + '\\n');",
   "        }).on('error', function (err) {",
-  "          if (!written) {",
+  "          if (!written && !res.headersSent) {",
   "            utils.sendError(res, err);",
   "          } else {",
   "            flush();",
@@ -732,7 +875,10 @@ replaceInSource('express-pouchdb/lib/routes/changes.js', [[[
   "        res.on('close', function () { // the client has gone",
   "          feed.cancel();",
   "          cleanup();",
-  "        });"
+  "        });",
+  "        if (req.afterFlushFeed && !res.headersSent) {",
+  "          res.flushHeaders(); // its errors were answered before (checkFeed)",
+  "        }"
 ].join('\n')]]);
 applied['routes/changes batching'] = true;
 
@@ -817,14 +963,15 @@ function requireReader(req, res, next) {
 
 beforeRoutes('find', function (app) {
   app.get('/:db/_index', requireReader);
-  app.post('/:db/_index', requireReader);
+  app.post('/:db/_index', requireReader, utils.jsonParser, keepOnly(INDEX_PARAMS));
   app.delete('/:db/_index/*', requireReader);
-  app.post('/:db/_find', requireReader);
-  app.post('/:db/_explain', requireReader);
+  app.post('/:db/_find', requireReader, utils.jsonParser, keepOnly(FIND_PARAMS));
+  app.post('/:db/_explain', requireReader, utils.jsonParser, keepOnly(FIND_PARAMS));
 });
 
 beforeRoutes('bulk-get', function (app) {
   app.post('/:db/_bulk_get', requireReader);
+  app.post('/:db/_bulk_get', utils.jsonParser, bulkCheck('max_bulk_get_count_exceeded'));
 });
 
 // --- _changes filters PouchDB Server cannot serve -----------------------------
@@ -857,7 +1004,278 @@ function checkChangesFilter(req, res, next) {
   next();
 }
 
+// --- feeds that stay open: their headers go out at once --------------------------------
+//
+// A continuous feed with nothing to send yet (`since=now`) sent no headers until its
+// first heartbeat (6 s) or change, and any feed a client asked gzipped for was held
+// in the compressor's buffer, heartbeats too. Such feeds are now sent uncompressed,
+// as CouchDB sends them, and a continuous feed sends its headers when it starts.
+// Errors it would have answered later (a missing design document or filter, a
+// reader who is not a member) are answered before. A heartbeat that is not a
+// positive number of milliseconds (0 or -1: a newline every millisecond; more than
+// 2^31-1: Node makes it 1 ms) is refused.
+
+var MAX_TIMER = 2147483647;
+
+function checkFeed(req, res, next) {
+  var feed = req.query.feed;
+  if (feed !== 'continuous' && feed !== 'longpoll') {
+    return next();
+  }
+  var heartbeat = req.query.heartbeat;
+  if (typeof heartbeat !== 'undefined' && heartbeat !== true &&
+      !(typeof heartbeat === 'number' && heartbeat >= 1 && heartbeat <= MAX_TIMER)) {
+    return sendError(res, 400, 'bad_request',
+                     'Invalid heartbeat value. Expecting a positive integer value.');
+  }
+  res.setHeader('Cache-Control', 'must-revalidate, no-transform');
+  if (feed === 'longpoll') {
+    return next(); // it writes its first bytes as soon as it has looked
+  }
+  var opts = utils.makeOpts(req);
+  req.db.info(opts).then(function () {
+    var filter = req.query.filter;
+    var name = filter === '_view' ? req.query.view : filter;
+    if (typeof name !== 'string' || name.indexOf('/') === -1) {
+      return null;
+    }
+    var parts = name.split('/');
+    return req.db.get('_design/' + parts[0], utils.makeOpts(req)).then(function (ddoc) {
+      var functions = filter === '_view' ? ddoc.views : ddoc.filters;
+      var fun = functions && functions[parts[1]];
+      if (!(filter === '_view' ? fun && typeof fun.map === 'string' : typeof fun === 'string')) {
+        throw {status: 404, name: 'not_found', message: 'missing json key: ' + parts[1]};
+      }
+    });
+  }).then(function () {
+    req.afterFlushFeed = true;
+    next();
+  }, function (err) {
+    sendError(res, (err && err.status) || 500, (err && err.name) || 'unknown_error',
+              (err && err.message) || 'cannot follow the database');
+  });
+}
+
 beforeRoutes('changes', function (app) {
-  app.get('/:db/_changes', checkChangesFilter);
-  app.post('/:db/_changes', checkChangesFilter);
+  app.get('/:db/_changes', checkChangesFilter, checkFeed);
+  app.post('/:db/_changes', checkChangesFilter, checkFeed);
+});
+
+// --- request bodies the routes cannot take: refused before they reach PouchDB ----------
+//
+// Each of these threw inside PouchDB. Thrown synchronously, Express answered a
+// 500 HTML page; thrown in a callback, the process died (exit 70).
+
+function isObject(value) {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function bulkCheck(countError) {
+  return function (req, res, next) {
+    var body = req.body;
+    if (!isObject(body) || typeof body.docs === 'undefined') {
+      return next(); // the route's own answers (400 "Missing JSON list of 'docs'", ...)
+    }
+    // `docs: 1` threw in pouchdb-wrappers (args.docs.map is not a function), `docs:
+    // [null]` in pouchdb-security (doc._id of null), `docs: "x"` in bulkGet
+    if (!Array.isArray(body.docs)) {
+      return sendError(res, 400, 'bad_request', '`docs` parameter must be an array.');
+    }
+    if (!body.docs.every(isObject)) {
+      return sendError(res, 400, 'bad_request', 'Document must be a JSON object');
+    }
+    if (body.docs.length > MAX_BULK_COUNT) {
+      return sendError(res, 413, countError, String(MAX_BULK_COUNT));
+    }
+    next();
+  };
+}
+
+beforeRoutes('bulk-docs', function (app) {
+  app.post('/:db/_bulk_docs', utils.jsonParser, bulkCheck('max_bulk_docs_count_exceeded'));
+});
+
+// Only the members of a body that CouchDB reads reach PouchDB (CouchDB ignores the
+// others too). PouchDB copied all of them, for `_all_docs` with keys once per key:
+// 150 kB of anything else with 1,000 keys took 6 s, with 10,000 keys the heap.
+var VIEW_PARAMS = [
+  'conflicts', 'descending', 'endkey', 'end_key', 'endkey_docid', 'end_key_doc_id', 'group',
+  'group_level', 'include_docs', 'attachments', 'att_encoding_info', 'inclusive_end', 'key',
+  'keys', 'limit', 'reduce', 'skip', 'sorted', 'stable', 'stale', 'startkey', 'start_key',
+  'startkey_docid', 'start_key_doc_id', 'update', 'update_seq'
+];
+var FIND_PARAMS = [
+  'selector', 'limit', 'skip', 'sort', 'fields', 'use_index', 'r', 'bookmark', 'update',
+  'stable', 'stale', 'execution_stats', 'conflicts'
+];
+var INDEX_PARAMS = ['index', 'ddoc', 'name', 'type', 'partitioned'];
+
+function keepOnly(names) {
+  return function (req, res, next) {
+    if (isObject(req.body)) {
+      Object.keys(req.body).forEach(function (name) {
+        if (names.indexOf(name) === -1) {
+          delete req.body[name];
+        }
+      });
+    }
+    next();
+  };
+}
+
+beforeRoutes('all-docs', function (app) {
+  app.all('/:db/_all_docs', utils.jsonParser, keepOnly(VIEW_PARAMS));
+});
+beforeRoutes('views', function (app) {
+  app.all('/:db/_design/:id/_view/:view', utils.jsonParser, keepOnly(VIEW_PARAMS));
+});
+beforeRoutes('temp-views', function (app) {
+  app.all('/:db/_temp_view', utils.jsonParser,
+          keepOnly(VIEW_PARAMS.concat(['map', 'reduce', 'language', 'options'])));
+});
+
+// `_revs_diff` {"doc1": 1}: pouchdb-core's revsDiff called `revs.slice` on the
+// number in a database callback (TypeError outside any handler: process exit).
+beforeRoutes('revs-diff', function (app) {
+  app.post('/:db/_revs_diff', utils.jsonParser, function (req, res, next) {
+    var body = req.body;
+    if (typeof body === 'undefined' || (isObject(body) && !Object.keys(body).length)) {
+      return next();
+    }
+    if (!isObject(body)) {
+      return sendError(res, 400, 'bad_request', 'Request body must be a JSON object');
+    }
+    for (var id in body) {
+      if (Object.prototype.hasOwnProperty.call(body, id)) {
+        var revs = body[id];
+        if (!Array.isArray(revs) || !revs.every(function (rev) { return typeof rev === 'string'; })) {
+          return sendError(res, 400, 'bad_request', 'Invalid revision list for ' + JSON.stringify(id));
+        }
+      }
+    }
+    next();
+  });
+});
+
+// `_replicate` without a source or target: PouchDB.replicate threw "Missing/invalid
+// DB name" synchronously (500 HTML page).
+beforeRoutes('replicate', function (app) {
+  app.post('/_replicate', utils.jsonParser, function (req, res, next) {
+    var body = isObject(req.body) ? req.body : {};
+    function endpoint(value) {
+      return (typeof value === 'string' && value.length > 0) ||
+        (isObject(value) && typeof value.url === 'string' && value.url.length > 0);
+    }
+    if (!endpoint(body.source) || !endpoint(body.target)) {
+      return sendError(res, 400, 'bad_request',
+                       '`source` and `target` must each be a database name or URL');
+    }
+    next();
+  });
+});
+
+// --- routes/documents.js: multipart bodies ---------------------------------------------
+//
+// multiparty emits no 'close' after an 'error', and the routes answered only on
+// 'close': a malformed multipart/form-data POST (`POST /db/<anything>`, which also
+// catches `_purge`, `_missing_revs`, ...) or multipart/related PUT got no answer,
+// ever. A multipart/related part that is not JSON threw in multiparty's 'field'
+// event (process exit). Both are answered 400 now; the uploaded temporary files
+// are removed once read (they were left in the temporary directory).
+
+replaceInSource('express-pouchdb/lib/routes/documents.js', [[
+  'function onPutOrPostResponse(req, res) {',
+  [
+    '// After\'s guard: a multipart body that cannot be read is answered at once.',
+    'function refuseMultipart(res, reason) {',
+    '  if (!res.headersSent) {',
+    '    utils.sendJSON(res, 400, {error: "bad_request", reason: reason});',
+    '  }',
+    '}',
+    '',
+    'function readUpload(file) {',
+    '  return readFile(file.path).then(function (body) {',
+    '    fs.unlink(file.path, function () {});',
+    '    return body;',
+    '  });',
+    '}',
+    '',
+    'function onPutOrPostResponse(req, res) {'
+  ].join('\n')
+], [[
+  '    form.on(\'error\', function (err) {',
+  '      promise = promise.then(function () {',
+  '        throw err;',
+  '      });',
+  '    }).on(\'field\', function (name, field) {'
+].join('\n'), [
+  '    form.on(\'error\', function (err) {',
+  '      refuseMultipart(res, \'invalid multipart/form-data body: \' + err.message);',
+  '    }).on(\'field\', function (name, field) {'
+].join('\n')], [[
+  '      promise = promise.then(function () {',
+  '        return readFile(file.path);',
+  '      }).then(function (body) {',
+  '        attachments[filename] = {'
+].join('\n'), [
+  '      promise = promise.then(function () {',
+  '        return readUpload(file);',
+  '      }).then(function (body) {',
+  '        attachments[filename] = {'
+].join('\n')], [[
+  '      form.on(\'error\', function (err) {',
+  '        promise = promise.then(function () {',
+  '          throw err;',
+  '        });',
+  '      }).on(\'field\', function (_, field) {',
+  '        doc = JSON.parse(field);',
+  '      }).on(\'file\', function (_, file) {',
+  '        var type = file.headers[\'content-type\'];',
+  '        var filename = file.originalFilename;',
+  '        promise = promise.then(function () {',
+  '          return readFile(file.path);'
+].join('\n'), [
+  '      var invalid = false;',
+  '      form.on(\'error\', function (err) {',
+  '        refuseMultipart(res, \'invalid multipart/related body: \' + err.message);',
+  '      }).on(\'field\', function (_, field) {',
+  '        try {',
+  '          doc = JSON.parse(field);',
+  '        } catch (err) {',
+  '          invalid = true;',
+  '        }',
+  '      }).on(\'file\', function (_, file) {',
+  '        var type = file.headers[\'content-type\'];',
+  '        var filename = file.originalFilename;',
+  '        promise = promise.then(function () {',
+  '          return readUpload(file);'
+].join('\n')], [[
+  '        promise.then(function () {',
+  '          mergeAttachments(doc, attachments);'
+].join('\n'), [
+  '        if (invalid || !doc || typeof doc !== \'object\' || Array.isArray(doc)) {',
+  '          return refuseMultipart(res, \'the document part must be a JSON object\');',
+  '        }',
+  '        promise.then(function () {',
+  '          mergeAttachments(doc, attachments);'
+].join('\n')]]);
+applied['routes/documents multipart'] = true;
+
+// --- the last resort: an exception a route threw is answered in JSON --------------------
+//
+// Express answered it with its HTML error page (500, the stack trace included). It
+// is registered just before the 404 handler, after every route.
+beforeRoutes('404', function (app) {
+  app.use(function (err, req, res, next) { // four arguments: Express's error handler
+    var status = (err && (err.status || err.statusCode)) || 500;
+    if (!(status >= 400 && status < 600)) {
+      status = 500;
+    }
+    log('error in ' + req.method + ' ' + req.url.split('?')[0] + ': ' + ((err && err.stack) || err));
+    if (err instanceof RangeError) { // out of stack on a deeply nested key or body
+      return sendError(res, 400, 'bad_request', err.message);
+    }
+    sendError(res, status, status === 500 ? 'unknown_error' : 'bad_request',
+              (err && err.message) || String(err));
+  });
 });
