@@ -9,7 +9,7 @@ WORKER ?= manobi
 PORT   ?= 5984
 export AFTER_COUCHDB_URL ?= http://127.0.0.1:$(PORT)/
 
-.PHONY: install install-dev install-bench run couchdb couchdb-stop push push-watch test lint bench clean
+.PHONY: install install-dev install-bench run couchdb couchdb-stop push push-watch test lint bench soak clean
 
 # What running needs; `make test` adds the dev extra, `make bench` the bench extra.
 install: $(VENV)/.installed node_modules/.installed
@@ -58,11 +58,15 @@ test: install-dev install-bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
-	$(BIN)/ruff check after tests jobs bench
-	$(BIN)/ruff format --check after tests jobs bench
+	$(BIN)/ruff check after tests jobs bench soak
+	$(BIN)/ruff format --check after tests jobs bench soak
 
 bench: install-bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PROFILE),--profile-server)
+
+## The soak with a nemesis (issue #31): faults while tasks run, then a check. SOAK_ARGS='--seed 1,2 --minutes 2'
+soak: install
+	$(BIN)/python -m soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from soak.cli import main
+
+raise SystemExit(main())
