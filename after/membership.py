@@ -102,7 +102,7 @@ class Membership:
     def renew_record(self) -> None:
         worker = self.worker
         sent = time.monotonic()
-        if self.renewed_at is not None and not self.lease_holds(at=sent):
+        if self.renewed_at is not None and not self.lease_fresh(at=sent):
             log.warning("this instance's lease lapsed: runs committed before are read back first")
             self.lapses += 1
             self.quiet_until = sent + worker.lease.total_seconds()
@@ -115,13 +115,14 @@ class Membership:
         stayed unchanged for a whole lease). A run is started only while it holds: after
         a pause (SIGSTOP, a long GC, a frozen VM) or a cut-off, a peer may have taken the
         task over meanwhile (after.runner)."""
+        now = time.monotonic() if at is None else at
+        return now >= self.quiet_until and self.lease_fresh(at=now)
+
+    def lease_fresh(self, at: float) -> bool:
+        """Whether our last renewal that landed was sent less than a lease ago."""
         if self.renewed_at is None:
             return False
-        now = time.monotonic() if at is None else at
-        return (
-            now >= self.quiet_until
-            and now < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
-        )
+        return at < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
 
     def quiet_for(self) -> float:
         """Seconds left of the quiet after a lapse (0 when none)."""

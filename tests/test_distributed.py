@@ -418,6 +418,24 @@ def test_a_run_that_waited_for_a_pool_thread_past_a_lapse_does_not_begin(
     assert state.local is Local.COMMITTED and "t" not in worker.started_runs
 
 
+def test_a_lapse_is_counted_once_and_quiets_the_instance_for_a_lease(config: Config) -> None:
+    """After a lapse nothing is committed or started for a lease (peers may still take
+    us for dead); the renewals made meanwhile are no new lapses (the soak, seed 6: each
+    one counted as a lapse, the quiet never ended, and 69 tasks stayed `scheduled`)."""
+    worker = Worker(config, "manobi", heartbeat=0.3, lease=1.5)
+    membership = worker.membership
+    membership.put_record = lambda record: None  # type: ignore[method-assign]
+    membership.renewed_at = time.monotonic() - 60  # a long pause
+    membership.renew_record()
+    assert membership.lapses == 1 and not membership.lease_holds()
+    membership.renew_record()
+    assert membership.lapses == 1, "a renewal during the quiet counted as a lapse"
+    for _ in range(6):  # a lease of renewals, a heartbeat apart
+        time.sleep(0.3)
+        membership.renew_record()
+    assert membership.lapses == 1 and membership.lease_holds()
+
+
 def test_a_clock_far_from_the_servers_is_reported(
     config: Config, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
