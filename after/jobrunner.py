@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def main() -> None:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the job's prints go to stderr
     loader = JobLoader(Path(request["jobs"]), watch=False)
+    not_after = request.get("not_after")
+    if not_after is not None and time.time() > not_after:
+        # The worker's lease ran out while this process started (it was paused): a peer
+        # may be taking the task over. Not begun; the worker reads the task back.
+        protocol.write(json.dumps({"not_begun": True}) + "\n")
+        protocol.flush()
+        return
     try:
         fn = loader.load(request["name"])
         result = run_job(fn, request["arguments"], JobContext(**request["context"]))

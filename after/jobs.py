@@ -432,6 +432,10 @@ def run_job(
     return result
 
 
+class NotBegun(Exception):
+    """The job was not begun: the worker's lease ran out before it could (after.runner)."""
+
+
 class JobTimeout(JobError):
     """The job ran longer than its task's timeout and was stopped."""
 
@@ -459,11 +463,14 @@ def run_job_in_process(
     context: JobContext,
     timeout: float | None,
     started: Callable[[subprocess.Popen], None] = lambda process: None,
+    not_after: float | None = None,
 ) -> Any:
     """Run a job in a child process (after.jobrunner) and kill it after `timeout` seconds.
 
     `started(process)` lets the caller keep the process, to stop it on a cancel.
     Only the last 4 KB of what the job printed is kept (for the error message).
+    `not_after` (a `time.time()`): the child does not begin the job past it, and
+    NotBegun is raised (the worker's lease ran out while the child started: a pause).
     """
     request = json.dumps(
         {
@@ -471,6 +478,7 @@ def run_job_in_process(
             "name": name,
             "arguments": list(arguments),
             "context": dataclasses.asdict(context),
+            "not_after": not_after,
         }
     )
     with tempfile.TemporaryFile() as printed:
@@ -494,6 +502,8 @@ def run_job_in_process(
             tail = printed.read().decode(errors="replace")
             raise JobError(f"job {name!r} stopped (exit code {process.returncode}): {tail[-2000:]}")
     reply = json.loads(output.decode().strip().splitlines()[-1])
+    if reply.get("not_begun"):
+        raise NotBegun(f"job {name!r} not begun: the worker's lease ran out as it started")
     if "error" in reply:
         raise JobFailed(reply["error"])
     return reply["result"]
@@ -509,6 +519,7 @@ __all__ = [
     "JobFailed",
     "JobLoader",
     "JobTimeout",
+    "NotBegun",
     "UnknownJob",
     "accepts_context",
     "check_name",

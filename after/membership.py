@@ -124,6 +124,14 @@ class Membership:
             return False
         return at < self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
 
+    def lease_deadline(self) -> float:
+        """The wall-clock time (`time.time()`) until which our lease holds, as known now:
+        a job started in a child process is not begun past it (after.jobs)."""
+        if self.renewed_at is None:
+            return time.time()
+        left = self.renewed_at + self.worker.lease.total_seconds() - self.lapse_margin
+        return time.time() + left - time.monotonic()
+
     def quiet_for(self) -> float:
         """Seconds left of the quiet after a lapse (0 when none)."""
         return max(self.quiet_until - time.monotonic(), 0.0)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from after import runs, tasks
 from after.capacity import ON_TIME
 from after.couch import CouchError, refused_as_is
-from after.jobs import JobContext, run_job, run_job_in_process, stop_job_process
+from after.jobs import JobContext, NotBegun, run_job, run_job_in_process, stop_job_process
 from after.scheduler import wait_until
 from after.tasks import Doc, Local, TaskState, is_newer
 
@@ -342,12 +342,16 @@ class Runner:
                     context,
                     policy.timeout.total_seconds(),
                     started=lambda process: setattr(state, "process", process),
+                    not_after=membership.lease_deadline(),
                 )
                 outcome = tasks.outcome_fields(started, tasks.now(), result=result)
             else:
                 fn = worker.jobs.load(job["name"])
                 result = run_job(fn, list(job.get("arguments", [])), context)
                 outcome = tasks.outcome_fields(started, tasks.now(), result=result)
+        except NotBegun:  # paused as its process started: see Membership.lease_deadline
+            worker.control.put(lambda: self.not_begun(task_id, state))
+            return
         except BaseException as exc:  # a job's failure is the task's, never the worker's
             outcome = tasks.outcome_fields(started, tasks.now(), error=exc)
             if not isinstance(exc, Exception):

@@ -709,3 +709,20 @@ def test_a_timeout_stops_the_job_and_what_it_started(jobs_dir: Path, tmp_path: P
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_a_child_process_started_past_the_lease_does_not_begin_the_job(
+    jobs_dir: Path, tmp_path: Path
+) -> None:
+    """The worker was paused while the job's process started, past its lease (the soak,
+    seed 9: the job began 5 s after a peer had judged its run lost): the child checks
+    the lease's deadline before it begins the job, and says it did not."""
+    from after.jobs import NotBegun, run_job_in_process
+
+    ran = tmp_path / "ran"
+    write_job(jobs_dir, "touch", f"def run():\n    open({str(ran)!r}, 'w').close()\n")
+    with pytest.raises(NotBegun):
+        run_job_in_process(jobs_dir, "touch", [], CONTEXT, timeout=10, not_after=time.time() - 1)
+    assert not ran.exists()
+    run_job_in_process(jobs_dir, "touch", [], CONTEXT, timeout=10, not_after=time.time() + 30)
+    assert ran.exists()
