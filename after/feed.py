@@ -124,7 +124,8 @@ class Feed:
             endkey=[worker.name, status, until],
         )
         for row in rows:
-            yield row["doc"]
+            if row.get("doc"):  # null when the document went away after the view was read
+                yield row["doc"]
 
     # -- following -----------------------------------------------------------------------
     def follow(self, since: Any) -> None:
