@@ -268,19 +268,26 @@ class Checker:
         pid = self.worker_pid(line)
         return self.pids[pid].label if pid else f"pid {line.pid} (ppid {line.ppid})"
 
+    def history_of(self, doc: Doc, line: Line) -> list[Doc]:
+        """The task's history entries of this run: its attempt, its occurrence (a
+        repeat's), and the instance whose process wrote the ledger line."""
+        pid = self.worker_pid(line)
+        return [
+            entry
+            for entry in doc.get("history") or []
+            if isinstance(entry, dict)
+            and entry.get("attempt") == line.attempt
+            and pid_of(entry.get("instance")) == pid
+            and (line.occurrence is None or entry.get("occurrence") == line.occurrence)
+        ]
+
     def recorded(self, doc: Doc, line: Line) -> bool:
         """Whether the task records this run: an entry of its history (the attempt, the
         occurrence of a repeat, the instance), a takeover of that run, a losing revision
         of a conflict that ran it, or its current run."""
         pid = self.worker_pid(line)
-        for entry in doc.get("history") or []:
-            if (
-                isinstance(entry, dict)
-                and entry.get("attempt") == line.attempt
-                and pid_of(entry.get("instance")) == pid
-                and (line.occurrence is None or entry.get("occurrence") == line.occurrence)
-            ):
-                return True
+        if self.history_of(doc, line):
+            return True
         for entry in doc.get("conflicts_resolved") or []:
             if (
                 isinstance(entry, dict)
@@ -297,15 +304,9 @@ class Checker:
     def judged_lost_at(self, doc: Doc, line: Line) -> float | None:
         """When a peer recorded this run as lost ("worker lost": its instance's lease ran
         out), or None. A run that begins after that was given up by After itself."""
-        pid = self.worker_pid(line)
-        for entry in doc.get("history") or []:
-            if (
-                isinstance(entry, dict)
-                and entry.get("attempt") == line.attempt
-                and pid_of(entry.get("instance")) == pid
-                and (line.occurrence is None or entry.get("occurrence") == line.occurrence)
-                and str(entry.get("error", "")).startswith("worker lost")
-                and isinstance(entry.get("finished_at"), str)
+        for entry in self.history_of(doc, line):
+            if str(entry.get("error", "")).startswith("worker lost") and isinstance(
+                entry.get("finished_at"), str
             ):
                 return parse_date(entry["finished_at"]).timestamp()
         return None

@@ -165,15 +165,15 @@ class Single:
 
 # Cuts a node's Erlang distribution off from its peers, or joins it again, by giving it
 # another cookie for a while (its HTTP side keeps serving): a network split on one
-# machine. The same script as tests/test_cluster.py's.
+# machine. tests/test_cluster.py uses it too.
 PARTITION_ESCRIPT = """\
 #!/usr/bin/env escript
-%%! -name soak_partition_{tag}@127.0.0.1 -hidden
+%%! -name after_partition_{tag}@127.0.0.1 -hidden
 main([Action, Cookie, Target | Others]) ->
     T = list_to_atom(Target),
     Peers = [list_to_atom(O) || O <- Others],
     Shared = list_to_atom(Cookie),
-    Cut = soak_partitioned,
+    Cut = after_partitioned,
     erlang:set_cookie(T, case Action of "cut" -> Shared; "heal" -> Cut end),
     pong = net_adm:ping(T),
     case Action of

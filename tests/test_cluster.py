@@ -45,6 +45,7 @@ from after import records
 from after.config import node_urls, split_credentials, with_credentials
 from after.couch import CouchError, Database, Server
 from after.push import push
+from soak.servers import PARTITION_ESCRIPT  # a node cut off from the others, while it serves
 
 CLUSTER = os.environ.get("AFTER_TEST_COUCHDB_CLUSTER", "")
 COOKIE = os.environ.get("AFTER_TEST_COUCHDB_COOKIE", "")
@@ -53,29 +54,6 @@ pytestmark = pytest.mark.skipif(
 )
 __all__ = ["workers"]  # the fixture, shared with test_resilience
 HEARTBEAT, LEASE = 1.0, 7.0  # the workers' lease: shorter than the partition (10 s)
-
-# Cuts a node's Erlang distribution off from its peers, or joins it again, by giving it
-# another cookie for a while (its HTTP side keeps serving): a network split on one machine.
-PARTITION_ESCRIPT = """\
-#!/usr/bin/env escript
-%%! -name after_test_partition_{tag}@127.0.0.1 -hidden
-main([Action, Cookie, Target | Others]) ->
-    T = list_to_atom(Target),
-    Peers = [list_to_atom(O) || O <- Others],
-    Shared = list_to_atom(Cookie),
-    Cut = after_test_partitioned,
-    erlang:set_cookie(T, case Action of "cut" -> Shared; "heal" -> Cut end),
-    pong = net_adm:ping(T),
-    case Action of
-        "cut" ->
-            true = rpc:call(T, erlang, set_cookie, [Cut]),
-            [rpc:call(T, erlang, disconnect_node, [P]) || P <- Peers];
-        "heal" ->
-            true = rpc:call(T, erlang, set_cookie, [Shared]),
-            [rpc:call(T, net_kernel, connect_node, [P]) || P <- Peers]
-    end,
-    io:format("~p~n", [rpc:call(T, erlang, nodes, [])]).
-"""
 
 
 @dataclass
